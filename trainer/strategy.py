@@ -1,0 +1,54 @@
+"""The one place that knows whether the run is on CPU, GPU, several workers or TPU."""
+
+import tensorflow as tf
+from absl import logging
+
+
+def make_strategy(runtime) -> tf.distribute.Strategy:
+  """Builds the tf.distribute strategy a RuntimeConfig asks for.
+
+  Args:
+    runtime: A RuntimeConfig; uses strategy, tpu and num_cpu_devices.
+
+  Returns:
+    The strategy; everything after this runs under its scope.
+
+  Raises:
+    ValueError: For an unknown strategy name.
+  """
+  if runtime.num_cpu_devices > 1:
+    # Logical CPU devices let the mirrored strategy run (and be tested) on one
+    # host; this must happen before TF initialises its devices.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * runtime.num_cpu_devices)
+  name = runtime.strategy
+  if name == "default":
+    strategy = tf.distribute.get_strategy()
+  elif name == "one_device":
+    gpus = tf.config.list_logical_devices("GPU")
+    strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else
+                                               "/cpu:0")
+  elif name == "mirrored":
+    devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if not devices:
+      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(devices)
+  elif name == "multi_worker":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  elif name == "tpu":
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu="" if runtime.tpu == "local" else runtime.tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    strategy = tf.distribute.TPUStrategy(resolver)
+  else:
+    raise ValueError(f"Unknown strategy {name!r}.")
+  logging.info("Strategy: %s with %d replica(s).", type(strategy).__name__,
+               strategy.num_replicas_in_sync)
+  return strategy
+
+
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+  return isinstance(strategy, (tf.distribute.TPUStrategy,
+                               tf.distribute.experimental.TPUStrategy))
