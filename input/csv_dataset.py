@@ -249,6 +249,15 @@ def _load_catalog(path: str, dtype: str) -> np.ndarray:
   return np.array(ids, dtype=object)
 
 
+def _reader(data, stats: RowStats) -> ShardReader:
+  """A reader of the columns a DataConfig uses: user, item and maybe label."""
+  wanted = [data.user_column, data.item_column]
+  if data.label_mode != "implicit":
+    wanted.append(data.label_column)
+  return ShardReader(data.columns, data.column_types, wanted, data.delimiter,
+                     data.header, data.bad_rows, data.block_bytes, stats)
+
+
 def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
                  training: bool, seed: int = 0, epochs: int = 1,
                  repeat: bool = False, drop_remainder: bool = False,
@@ -292,11 +301,7 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
       files = files[input_context.input_pipeline_id::n]
 
   user, item = data.user_column, data.item_column
-  wanted = [user, item]
-  if data.label_mode != "implicit":
-    wanted.append(data.label_column)
-  reader = ShardReader(data.columns, data.column_types, wanted, data.delimiter,
-                       data.header, data.bad_rows, data.block_bytes, stats)
+  reader = _reader(data, stats)
 
   ds = tf.data.Dataset.from_tensor_slices(files)
   if training:
@@ -326,21 +331,23 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
 
   ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
 
-  if training:
-    catalog_path = negative_catalog or data.negative_catalog
-    catalog = (_load_catalog(catalog_path, data.column_type(item))
-               if data.num_negatives and catalog_path else None)
-    if data.num_negatives:
-      logging.info("Negatives: %d per positive, uniform over %s.",
-                   data.num_negatives,
-                   f"{len(catalog)} items of {catalog_path}"
-                   if catalog is not None else "the distinct items of each block")
+  catalog_path = negative_catalog or data.negative_catalog
+  catalog = (_load_catalog(catalog_path, data.column_type(item))
+             if data.num_negatives and catalog_path else None)
+  if data.num_negatives and training:
+    logging.info("Negatives: %d per positive, uniform over %s.",
+                 data.num_negatives,
+                 f"{len(catalog)} items of {catalog_path}"
+                 if catalog is not None else "the distinct items of each block")
+  if training or data.num_negatives:
     # One seed per block from a seeded stream keeps the whole pipeline
     # replayable: a resumed run skips to exactly the batches it had left.
     block_seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip((ds, block_seeds)).map(
-        lambda ex, s: _shuffle_block(ex, s, data.num_negatives, catalog),
+        lambda ex, s: _negatives_and_shuffle(ex, s, data.num_negatives,
+                                             catalog, permute=training),
         num_parallel_calls=tf.data.AUTOTUNE)
+  if training:
     ds = ds.flat_map(_mini_blocks).shuffle(data.shuffle_blocks, seed=seed)
   ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
   if skip_batches:
@@ -352,9 +359,9 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _shuffle_block(example, seed, num_negatives: int,
-                   catalog: Optional[np.ndarray]):
-  """Adds `num_negatives` random items per row, then permutes the block."""
+def _negatives_and_shuffle(example, seed, num_negatives: int,
+                           catalog: Optional[np.ndarray], permute: bool):
+  """Adds `num_negatives` random items per row, then maybe permutes the block."""
   (features, labels) = example
   keys = list(features)
   user, item = keys
@@ -371,6 +378,8 @@ def _shuffle_block(example, seed, num_negatives: int,
         item: tf.concat([features[item], tf.gather(pool, picks)], 0),
     }
     labels = tf.concat([labels, tf.zeros([n], tf.float32)], 0)
+  if not permute:
+    return features, labels
   order = tf.random.experimental.stateless_shuffle(
       tf.range(tf.shape(labels)[0]), seed=seed[::-1])
   return {k: tf.gather(v, order) for k, v in features.items()}, tf.gather(
@@ -394,3 +403,30 @@ def _mini_blocks(features, labels) -> tf.data.Dataset:
   rest = tf.data.Dataset.from_tensors(
       ({k: v[full:] for k, v in features.items()}, labels[full:]))
   return whole.concatenate(rest.filter(lambda f, l: tf.size(l) > 0))
+
+
+def count_rows(data, files: Sequence[str], stats: Optional[RowStats] = None,
+               threads: int = 2) -> Dict[str, int]:
+  """Counts the usable rows of each file in one parallel streaming pass.
+
+  The pass parses every row exactly as training will, so a malformed row or a
+  truncated shard stops the run here, before any training.
+
+  Args:
+    data: A DataConfig.
+    files: Shards to count.
+    stats: Counts skipped rows too (with bad_rows="skip").
+    threads: Files read at once (the parser releases the GIL).
+
+  Returns:
+    {path: rows}.
+  """
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  stats = stats if stats is not None else RowStats()
+  reader = _reader(data, stats)
+
+  def count(path):
+    return sum(len(cols[0]) for cols in reader.read(path))
+
+  with futures.ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+    return dict(zip(files, pool.map(count, files)))

@@ -18,7 +18,7 @@ import pyarrow.csv as pcsv
 
 
 def interactions(num_rows: int, num_users: int, num_items: int, *,
-                 dim: int = 8, zipf: float = 1.0, sharpness: float = 6.0,
+                 dim: int = 8, zipf: float = 1.0, sharpness: float = 10.0,
                  seed: int = 0) -> Dict[str, np.ndarray]:
   """Samples an interaction log.
 
@@ -78,7 +78,7 @@ def write_log(dst: str, *, num_rows: int = 200_000, num_users: int = 2000,
   """
   os.makedirs(dst, exist_ok=True)
   marker = os.path.join(dst, "_COMPLETE")
-  spec = f"{num_rows} {num_users} {num_items} {eval_fraction} {num_shards} {seed}"
+  spec = f"v2 {num_rows} {num_users} {num_items} {eval_fraction} {num_shards} {seed}"
   names = {"train": f"{dst}/train", "eval": f"{dst}/eval"}
   if os.path.exists(marker) and open(marker).read() == spec:
     logging.info("Synthetic log already in %s.", dst)

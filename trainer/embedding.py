@@ -1,0 +1,217 @@
+"""The embedding seam: raw IDs -> table rows -> TPUEmbedding tables with a bias slot.
+
+Everything accelerator-specific about embeddings lives here. The rest of the
+model sees `{feature: [batch, dim + 1]}`, whose last column is the row's bias.
+Off TPU, `tfrs.layers.embedding.TPUEmbedding` keeps plain variables that the
+per-table Keras optimizers below update, one row-sparse update per batch.
+"""
+
+import contextlib
+from typing import Dict, Mapping
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras
+from absl import logging
+from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class IdLookup(tf_keras.layers.Layer):
+  """Maps raw IDs (int64 or string) to rows of one table, inside the model.
+
+  Because the lookup is part of the model, exports take raw IDs, and an ID
+  never seen in training still gets a row (a hash bucket or an OOV row).
+
+  Args:
+    table: The TableConfig (bins and salt, or vocabulary file and OOV rows).
+    id_mode: "hash" or "vocab".
+    id_dtype: "int64" or "string".
+  """
+
+  def __init__(self, table, id_mode: str, id_dtype: str, **kwargs):
+    super().__init__(name=f"{table.feature}_lookup", **kwargs)
+    self._mode = id_mode
+    self._dtype_name = id_dtype
+    self._num_bins = table.num_bins
+    self._salt = table.salt
+    if id_mode == "vocab":
+      layer = (tf_keras.layers.IntegerLookup if id_dtype == "int64" else
+               tf_keras.layers.StringLookup)
+      self._vocab = layer(vocabulary=table.vocab_file,
+                          num_oov_indices=table.num_oov, mask_token=None,
+                          name=f"{table.feature}_vocab")
+      self.num_rows = self._vocab.vocabulary_size()
+      logging.info("%s: vocabulary of %d IDs + %d OOV rows from %s.",
+                   table.feature, self.num_rows - table.num_oov, table.num_oov,
+                   table.vocab_file)
+    else:
+      self.num_rows = table.num_bins
+
+  def call(self, ids: tf.Tensor) -> tf.Tensor:
+    """Returns int32 rows in [0, num_rows), same shape as `ids`."""
+    if self._mode == "vocab":
+      return tf.cast(self._vocab(ids), tf.int32)
+    if ids.dtype == tf.string:
+      rows = tf.strings.to_hash_bucket_strong(
+          ids, self._num_bins, key=[self._salt, _GOLDEN >> 1])
+    else:
+      rows = tf.math.floormod(hash_int64(ids, self._salt), self._num_bins)
+    return tf.cast(rows, tf.int32)
+
+
+def hash_int64(ids: tf.Tensor, salt: int) -> tf.Tensor:
+  """Mixes int64 IDs with the SplitMix64 finaliser; returns non-negative int64.
+
+  Integer IDs are hashed as integers: going through strings would cost more
+  than the rest of the lookup, and consecutive IDs still land in unrelated rows.
+  """
+  u64 = tf.uint64
+  z = tf.bitcast(tf.cast(ids, tf.int64), u64) + tf.constant(
+      (_GOLDEN * (salt + 1)) % (1 << 64), u64)
+  for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+    z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(shift, u64)))
+    z = z * tf.constant(mult, u64)
+  z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, u64)))
+  return tf.bitcast(tf.bitwise.right_shift(z, tf.constant(1, u64)), tf.int64)
+
+
+class FactorsAndBias:
+  """Initializer for a table row: N(0, stddev) factors and a zero bias slot.
+
+  One instance per table with its own seed: a shared, unseeded initializer
+  would give identical tables.
+  """
+
+  def __init__(self, stddev: float, seed: int):
+    self._stddev = stddev
+    self._seed = seed
+
+  def __call__(self, shape, dtype=tf.float32):
+    factors = tf.random.stateless_truncated_normal(
+        [shape[0], shape[1] - 1], seed=[self._seed, 7], stddev=self._stddev,
+        dtype=dtype)
+    return tf.concat([factors, tf.zeros([shape[0], 1], dtype)], axis=1)
+
+
+class LazyAdam(tf_keras.optimizers.Adam):
+  """Adam that, for a sparse gradient, updates only the rows it touches.
+
+  Keras Adam decays the moments of every row of a table on every step; with
+  large tables that costs more than the rest of training. Rows absent from a
+  batch keep their moments (the usual "lazy" approximation).
+  """
+
+  def update_step(self, gradient, variable):
+    if not isinstance(gradient, tf.IndexedSlices):
+      return super().update_step(gradient, variable)
+    dtype = variable.dtype
+    step = tf.cast(self.iterations + 1, dtype)
+    b1, b2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+    alpha = (tf.cast(self.learning_rate, dtype) * tf.sqrt(1 - tf.pow(b2, step))
+             / (1 - tf.pow(b1, step)))
+    key = self._var_key(variable)
+    m = self._momentums[self._index_dict[key]]
+    v = self._velocities[self._index_dict[key]]
+    rows, pos = tf.unique(gradient.indices)
+    grad = tf.math.unsorted_segment_sum(gradient.values, pos, tf.shape(rows)[0])
+    m_rows = b1 * tf.gather(m, rows) + (1 - b1) * grad
+    v_rows = b2 * tf.gather(v, rows) + (1 - b2) * tf.square(grad)
+    m.scatter_update(tf.IndexedSlices(m_rows, rows))
+    v.scatter_update(tf.IndexedSlices(v_rows, rows))
+    variable.scatter_sub(tf.IndexedSlices(
+        alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
+
+
+def make_optimizer(name: str, learning_rate: float,
+                   initial_accumulator: float = 1e-6):
+  """A Keras optimizer by name; all but "adam" update embedding rows sparsely."""
+  if name == "adagrad":
+    return tf_keras.optimizers.Adagrad(
+        learning_rate, initial_accumulator_value=initial_accumulator)
+  if name == "sgd":
+    return tf_keras.optimizers.SGD(learning_rate)
+  if name == "adam":
+    return tf_keras.optimizers.Adam(learning_rate)
+  if name == "lazy_adam":
+    return LazyAdam(learning_rate)
+  raise ValueError(f"Unknown optimizer {name!r}.")
+
+
+def _tpu_optimizer(table):
+  emb = tf.tpu.experimental.embedding
+  if table.optimizer == "adagrad":
+    return emb.Adagrad(table.learning_rate,
+                       initial_accumulator_value=table.initial_accumulator)
+  if table.optimizer == "sgd":
+    return emb.SGD(table.learning_rate)
+  return emb.Adam(table.learning_rate, lazy_adam=table.optimizer == "lazy_adam")
+
+
+@contextlib.contextmanager
+def _local_string_variables():
+  """Creates string variables outside the strategy's variable creator.
+
+  TPUEmbeddingForServing keeps a string variable for SparseCore layouts;
+  MultiWorkerMirroredStrategy would try to broadcast its initial value, which
+  collectives cannot do for strings. It is only read locally, so it stays local.
+  """
+
+  def creator(next_creator, **kwargs):
+    if tf.as_dtype(kwargs.get("dtype") or tf.float32) == tf.string:
+      return resource_variable_ops.ResourceVariable(
+          initial_value=kwargs["initial_value"], trainable=False,
+          name=kwargs.get("name"), dtype=tf.string)
+    return next_creator(**kwargs)
+
+  with tf.variable_creator_scope(creator):
+    yield
+
+
+class EmbeddingTables(tf_keras.layers.Layer):
+  """One named TPUEmbedding table per ID feature; rows end in a bias slot.
+
+  Args:
+    tables: TableConfigs, one per feature.
+    num_rows: Rows of each feature's table (from its IdLookup).
+    embedding_dim: Latent factors; each row has embedding_dim + 1 slots.
+    seed: Base seed; table i is initialised with seed + i.
+    on_tpu: Whether the layer is built under a TPUStrategy (then the tables'
+      own optimizers run on the TPU and the Keras ones are unused).
+  """
+
+  def __init__(self, tables, num_rows: Mapping[str, int], embedding_dim: int,
+               seed: int, on_tpu: bool = False, **kwargs):
+    super().__init__(name="embedding_tables", **kwargs)
+    self._features = [t.feature for t in tables]
+    feature_config = {}
+    for i, t in enumerate(tables):
+      table = tf.tpu.experimental.embedding.TableConfig(
+          vocabulary_size=num_rows[t.feature], dim=embedding_dim + 1,
+          initializer=FactorsAndBias(t.init_stddev, seed + i),
+          optimizer=_tpu_optimizer(t) if on_tpu else None,
+          combiner="sum", name=f"{t.feature}_table")
+      feature_config[t.feature] = tf.tpu.experimental.embedding.FeatureConfig(
+          table=table, name=t.feature)
+      logging.info("Table %s_table: %d rows x %d (%d factors + bias), %.1f MB.",
+                   t.feature, num_rows[t.feature], embedding_dim + 1,
+                   embedding_dim,
+                   num_rows[t.feature] * (embedding_dim + 1) * 4 / 2**20)
+    with _local_string_variables():
+      self._tpu_embedding = tfrs.layers.embedding.TPUEmbedding(
+          feature_config, optimizer=_tpu_optimizer(tables[0]) if on_tpu else None)
+      self._tpu_embedding.build(None)
+    # Off TPU, per-table Keras optimizers update the plain table variables.
+    self.optimizers = {t.feature: make_optimizer(
+        t.optimizer, t.learning_rate, t.initial_accumulator) for t in tables}
+
+  def call(self, rows: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """Looks up `{feature: int32 rows [B]}` -> `{feature: [B, dim + 1]}`."""
+    return self._tpu_embedding({f: rows[f] for f in self._features})
+
+  def tables(self) -> Dict[str, tf.Variable]:
+    """`{feature: table variable [rows, dim + 1]}`."""
+    by_name = {cfg.name: var for cfg, var in
+               self._tpu_embedding.embedding_tables.items()}
+    return {f: by_name[f"{f}_table"] for f in self._features}

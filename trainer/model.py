@@ -1,0 +1,119 @@
+"""Matrix factorization as a tfrs.models.Model: ID lookups, tables and a Ranking task."""
+
+from typing import Dict, Tuple
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras
+
+from trainer import embedding
+
+
+class SigmoidMean(tf_keras.metrics.Mean):
+  """Mean predicted probability, from logits."""
+
+  def update_state(self, logits, sample_weight=None):
+    return super().update_state(tf.sigmoid(logits), sample_weight)
+
+
+def _ranking_task() -> tfrs.tasks.Ranking:
+  # reduction=NONE: the model averages per-example losses over the *global*
+  # batch itself (see compute_loss), which Keras' default SUM_OVER_BATCH_SIZE
+  # would get wrong under a multi-replica strategy.
+  return tfrs.tasks.Ranking(
+      loss=tf_keras.losses.BinaryCrossentropy(
+          from_logits=True, reduction=tf_keras.losses.Reduction.NONE),
+      metrics=[
+          tf_keras.metrics.AUC(from_logits=True, num_thresholds=1000,
+                               name="auc"),
+          tf_keras.metrics.AUC(from_logits=True, curve="PR",
+                               num_thresholds=1000, name="pr_auc"),
+          tf_keras.metrics.BinaryCrossentropy(from_logits=True,
+                                              name="log_loss"),
+          tf_keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
+      ],
+      prediction_metrics=[SigmoidMean(name="prediction_mean")],
+      label_metrics=[tf_keras.metrics.Mean(name="label_mean")])
+
+
+class MatrixFactorization(tfrs.models.Model):
+  """score = sigmoid(<u[:-1], v[:-1]> + u[-1] + v[-1] + global bias).
+
+  Args:
+    config: The run's Config (data: ID columns and types; model: ID mode and
+      tables; train: dense optimizer and seed).
+    on_tpu: Whether built under a TPUStrategy.
+  """
+
+  def __init__(self, config, on_tpu: bool = False):
+    super().__init__()
+    data, model = config.data, config.model
+    self.user_feature, self.item_feature = data.id_columns
+    self.lookups = {
+        t.feature: embedding.IdLookup(t, model.id_mode,
+                                      data.column_type(t.feature))
+        for t in model.tables}
+    self.embedding = embedding.EmbeddingTables(
+        model.tables, {f: l.num_rows for f, l in self.lookups.items()},
+        model.embedding_dim, config.train.seed, on_tpu=on_tpu)
+    self.l2 = {t.feature: t.l2 for t in model.tables}
+    self.global_bias = self.add_weight(
+        name="global_bias", shape=(), initializer="zeros", trainable=True)
+    self._config = config
+    self.task = _ranking_task()
+    self.loss_tracker = tf_keras.metrics.Mean(name="loss")
+
+  def get_config(self):
+    return {"config": self._config.to_dict()}
+
+  def embed(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """Raw IDs `{feature: [B]}` -> rows with bias slot `{feature: [B, d+1]}`."""
+    rows = {f: lookup(features[f]) for f, lookup in self.lookups.items()}
+    return self.embedding(rows)
+
+  def score_logits(self, emb: Dict[str, tf.Tensor]) -> tf.Tensor:
+    u, v = emb[self.user_feature], emb[self.item_feature]
+    return (tf.reduce_sum(u[:, :-1] * v[:, :-1], axis=1) + u[:, -1] +
+            v[:, -1] + self.global_bias)
+
+  def call(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """Returns logits [B] for `{user: [B], item: [B]}` raw IDs."""
+    return self.score_logits(self.embed(features))
+
+  def compute_loss(self, inputs: Tuple[Dict[str, tf.Tensor], tf.Tensor],
+                   training: bool = False) -> tf.Tensor:
+    features, labels = inputs
+    emb = self.embed(features)
+    logits = self.score_logits(emb)
+    # Keras losses average over the last axis: [B, 1] keeps one loss per row.
+    per_example = self.task(labels[:, None], logits[:, None],
+                            training=training, compute_metrics=not training)
+    self.loss_tracker.update_state(per_example)
+    for feature, l2 in self.l2.items():
+      if l2:  # Only the rows this batch uses are penalised.
+        per_example += l2 * tf.reduce_sum(tf.square(emb[feature]), axis=1)
+    # Each replica divides by the global batch; the optimizer sums replicas'
+    # gradients, which makes the mean over the global batch.
+    return tf.nn.compute_average_loss(per_example)
+
+  def train_step(self, inputs):
+    with tf.GradientTape() as tape:
+      loss = self.compute_loss(inputs, training=True)
+    variables = self.trainable_variables
+    grads = dict(zip((v.ref() for v in variables),
+                     tape.gradient(loss, variables)))
+    # Each table has its own optimizer; the rest (global bias) uses compile's.
+    owned = set()
+    for feature, table in self.embedding.tables().items():
+      if table.ref() in grads and grads[table.ref()] is not None:
+        self.embedding.optimizers[feature].apply_gradients(
+            [(grads[table.ref()], table)])
+      owned.add(table.ref())
+    self.optimizer.apply_gradients(
+        [(g, v.deref()) for v, g in grads.items()
+         if v not in owned and g is not None])
+    return {"loss": self.loss_tracker.result()}
+
+  def test_step(self, inputs):
+    self.compute_loss(inputs, training=False)
+    return {m.name: m.result() for m in self.metrics}

@@ -1,0 +1,256 @@
+"""train_and_evaluate(config): the whole run, from shards to metrics and exports.
+
+Never reads flags. The training stream is endless and deterministic, and the
+run takes an exact number of steps; a resumed run restores the last checkpoint
+and skips the batches it already trained on, so it sees the same data in the
+same order as an uninterrupted run would.
+"""
+
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Dict
+
+from absl import logging
+import tensorflow as tf
+import tf_keras
+
+from input import csv_dataset
+from trainer import config as config_lib
+from trainer import embedding
+from trainer import export
+from trainer import model as model_lib
+from trainer import strategy as strategy_lib
+
+
+class _Progress(tf_keras.callbacks.Callback):
+  """Progress lines, TensorBoard scalars and periodic checkpoints."""
+
+  def __init__(self, start_step: int, total_steps: int, global_batch: int,
+               log_every: int, checkpoint_every: int,
+               manager: tf.train.CheckpointManager, model_dir: str):
+    super().__init__()
+    self._start = start_step
+    self._total = total_steps
+    self._batch = global_batch
+    self._log_every = log_every
+    self._ckpt_every = checkpoint_every
+    self._manager = manager
+    self._writer = tf.summary.create_file_writer(
+        os.path.join(model_dir, "train"))
+    self._last_log = self._last_ckpt = start_step
+    self.examples_per_sec = 0.0
+    self.last_logs: Dict[str, float] = {}
+
+  def on_train_begin(self, logs=None):
+    self._t0 = self._t_log = time.time()
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = self._start + batch + 1
+    self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
+    if step - self._last_log >= self._log_every or step == self._total:
+      now = time.time()
+      rate = (step - self._last_log) * self._batch / max(now - self._t_log, 1e-9)
+      eta = (self._total - step) * self._batch / max(rate, 1e-9)
+      logging.info("step %d/%d (%.0f%%)  loss %.4f  %.0f examples/s  eta %.0fs",
+                   step, self._total, 100.0 * step / self._total,
+                   self.last_logs.get("loss", float("nan")), rate, eta)
+      with self._writer.as_default(step=step):
+        for k, v in self.last_logs.items():
+          tf.summary.scalar(k, v)
+        tf.summary.scalar("examples_per_sec", rate)
+      self._last_log, self._t_log = step, now
+    if step - self._last_ckpt >= self._ckpt_every:
+      self._manager.save(checkpoint_number=step)
+      self._last_ckpt = step
+
+  def on_train_end(self, logs=None):
+    steps = self._total - self._start
+    self.examples_per_sec = steps * self._batch / max(time.time() - self._t0,
+                                                      1e-9)
+    self._writer.flush()
+
+
+def _check_same_run(model_dir: str, config) -> None:
+  """Refuses to resume a model_dir written by a different model or data."""
+  previous = config_lib.load(os.path.join(model_dir, "config.json"))
+  if previous is None:
+    return
+  for section in ("data", "model"):
+    old, new = getattr(previous, section), getattr(config, section)
+    if old != new:
+      diff = [f"{k}: {v!r} -> {getattr(new, k)!r}"
+              for k, v in vars(old).items() if getattr(new, k) != v]
+      raise ValueError(
+          f"{model_dir} holds a run with other {section} settings "
+          f"({'; '.join(diff)}). Use a new --model_dir, or the same flags.")
+
+
+def _steps_per_epoch(config, files, model_dir: str, stats) -> int:
+  """Counts the training rows once (cached in model_dir) -> steps per epoch."""
+  cache = os.path.join(model_dir, "data_stats.json")
+  sizes = {f: tf.io.gfile.stat(f).length for f in files}
+  counts = None
+  if tf.io.gfile.exists(cache):
+    with tf.io.gfile.GFile(cache) as f:
+      cached = json.load(f)
+    if cached.get("sizes") == sizes:
+      counts = cached["rows"]
+  if counts is None:
+    t0 = time.time()
+    counts = csv_dataset.count_rows(config.data, files, stats)
+    logging.info("Counted %d rows in %d files (%.1fs).", sum(counts.values()),
+                 len(files), time.time() - t0)
+    with tf.io.gfile.GFile(cache, "w") as f:
+      json.dump({"sizes": sizes, "rows": counts}, f)
+  examples = sum(counts.values()) * (1 + config.data.num_negatives)
+  return max(1, math.ceil(examples / config.train.batch_size))
+
+
+def _input_error(e: tf.errors.OpError) -> Exception:
+  """Turns an input error raised inside tf.data back into a plain message."""
+  found = re.search(r"InputDataError: (.*)", e.message)
+  if found:
+    return csv_dataset.InputDataError(found.group(1).strip())
+  return e
+
+
+def train_and_evaluate(config) -> Dict[str, Any]:
+  """Trains, evaluates and exports as `config` says.
+
+  Args:
+    config: A validated Config.
+
+  Returns:
+    The summary also written to model_dir/metrics.json.
+
+  Raises:
+    FileNotFoundError: If a file pattern matches nothing.
+    InputDataError: For a malformed row or a truncated shard (names the file).
+  """
+  config_lib.validate(config)
+  data, train, runtime = config.data, config.train, config.runtime
+  model_dir = runtime.model_dir
+  tf.io.gfile.makedirs(model_dir)
+  _check_same_run(model_dir, config)
+  with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
+    f.write(config.to_json())
+
+  train_files = csv_dataset.resolve_files(data.train_files)
+  eval_files = (csv_dataset.resolve_files(data.eval_files)
+                if data.eval_files else [])
+  logging.info("Training files: %d (%s%s).", len(train_files),
+               train_files[0], ", ..." if len(train_files) > 1 else "")
+  if eval_files:
+    logging.info("Evaluation files: %d.", len(eval_files))
+
+  strategy = strategy_lib.make_strategy(runtime)
+  on_tpu = strategy_lib.is_tpu(strategy)
+  train_stats, eval_stats = csv_dataset.RowStats(), csv_dataset.RowStats()
+  if train.train_steps:
+    total_steps = train.train_steps
+  else:
+    total_steps = train.epochs * _steps_per_epoch(config, train_files,
+                                                  model_dir, train_stats)
+
+  with strategy.scope():
+    model = model_lib.MatrixFactorization(config, on_tpu=on_tpu)
+    model.compile(optimizer=embedding.make_optimizer(train.optimizer,
+                                                     train.learning_rate),
+                  steps_per_execution=train.steps_per_execution)
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+  manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=3)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint)
+  start_step = int(model.optimizer.iterations.numpy())
+  if start_step:
+    logging.info("Resumed from %s at step %d of %d.", manager.latest_checkpoint,
+                 start_step, total_steps)
+  else:
+    logging.info("Training from scratch for %d steps of %d examples.",
+                 total_steps, train.batch_size)
+
+  vocab = (config.model.table(data.item_column).vocab_file
+           if config.model.id_mode == "vocab" else "")
+  train_ds = strategy.distribute_datasets_from_function(
+      lambda ctx: csv_dataset.make_dataset(
+          data, train_files, train.batch_size, training=True, seed=train.seed,
+          repeat=True, drop_remainder=on_tpu, skip_batches=start_step,
+          input_context=ctx, stats=train_stats,
+          negative_catalog=data.negative_catalog or vocab))
+  progress = _Progress(start_step, total_steps, train.batch_size,
+                       train.log_every_steps, train.checkpoint_every_steps,
+                       manager, model_dir)
+  t0 = time.time()
+  try:
+    if start_step < total_steps:
+      model.fit(train_ds, epochs=1, steps_per_epoch=total_steps - start_step,
+                callbacks=[progress], verbose=0)
+    manager.save(checkpoint_number=total_steps)
+    summary: Dict[str, Any] = {
+        "steps": total_steps, "resumed_from_step": start_step,
+        "train_seconds": round(time.time() - t0, 2),
+        "train_examples_per_sec": round(progress.examples_per_sec, 1),
+        "train_loss": progress.last_logs.get("loss"),
+        "train_rows_skipped": train_stats.skipped,
+    }
+    if eval_files:
+      summary["eval"] = _evaluate(model, config, strategy, eval_files,
+                                  eval_stats, on_tpu,
+                                  data.negative_catalog or vocab)
+      summary["eval_rows"] = eval_stats.rows
+      summary["eval_rows_skipped"] = eval_stats.skipped
+  except tf.errors.OpError as e:
+    raise _input_error(e) from None
+
+  skipped = {**train_stats.skipped_by_file(), **eval_stats.skipped_by_file()}
+  if skipped:
+    logging.warning("Skipped %d malformed rows: %s", sum(skipped.values()),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+  if runtime.export_dir:
+    tf.io.gfile.makedirs(runtime.export_dir)
+    export.export_saved_model(model, data, runtime.export_dir)
+    export.export_tables(model, runtime.export_dir)
+    summary["export_dir"] = runtime.export_dir
+  with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  _log_summary(summary)
+  return summary
+
+
+def _evaluate(model, config, strategy, files, stats, on_tpu,
+              negative_catalog: str) -> Dict[str, float]:
+  """Evaluates on every held-out row, one step per execution.
+
+  In implicit mode each held-out positive gets the same number of random
+  negatives as in training (seeded), so AUC compares positives with them.
+  """
+  # With several steps per execution Keras needs the step count up front; one
+  # step per execution lets the last, partial batch end the pass exactly.
+  model.compile(optimizer=model.optimizer, steps_per_execution=1)
+  eval_ds = strategy.distribute_datasets_from_function(
+      lambda ctx: csv_dataset.make_dataset(
+          config.data, files, config.train.eval_batch_size, training=False,
+          seed=config.train.seed + 1, drop_remainder=on_tpu,
+          input_context=ctx, stats=stats, negative_catalog=negative_catalog))
+  results = model.evaluate(eval_ds, return_dict=True, verbose=0)
+  writer = tf.summary.create_file_writer(
+      os.path.join(config.runtime.model_dir, "eval"))
+  with writer.as_default(step=int(model.optimizer.iterations.numpy())):
+    for k, v in results.items():
+      tf.summary.scalar(k, v)
+  writer.flush()
+  return {k: round(float(v), 6) for k, v in results.items()}
+
+
+def _log_summary(summary: Dict[str, Any]) -> None:
+  lines = ["Summary:"]
+  for k, v in summary.items():
+    if isinstance(v, dict):
+      lines.append(f"  {k}:")
+      lines.extend(f"    {kk:<16} {vv}" for kk, vv in v.items())
+    else:
+      lines.append(f"  {k:<24} {v}")
+  logging.info("\n".join(lines))
