@@ -1,0 +1,1 @@
+"""Job submission to Vertex AI and TPU VMs (see README.md)."""

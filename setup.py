@@ -1,0 +1,28 @@
+"""Package definition: the trainer, its input pipelines and launchers."""
+
+import setuptools
+
+setuptools.setup(
+    name="cf-trainer",
+    version="0.1.0",
+    description="Collaborative-filtering trainer for TensorFlow: ranking and "
+                "retrieval on interaction logs, CPU to TPU with one code path.",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(
+        include=["trainer", "trainer.*", "input", "input.*", "launch",
+                 "launch.*", "benchmarks", "benchmarks.*"]),
+    install_requires=[
+        "tensorflow==2.20.0",
+        "tensorflow-recommenders==0.7.7",
+        "tf-keras==2.20.1",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "pyarrow==26.0.1",
+        "google-cloud-storage==3.17.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.2.0",
+        ],
+    },
+)
