@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import tensorflow as tf
 
-_MINI_BLOCK = 1024
 _ARROW_TYPES = {"int64": pa.int64(), "float32": pa.float32(),
                 "string": pa.string()}
 _TF_TYPES = {"int64": tf.int64, "float32": tf.float32, "string": tf.string}
@@ -348,7 +347,11 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
                                              catalog, permute=training),
         num_parallel_calls=tf.data.AUTOTUNE)
   if training:
-    ds = ds.flat_map(_mini_blocks).shuffle(data.shuffle_blocks, seed=seed)
+    # A batch gathers at least ~8 mini-blocks, so rows of several blocks (and
+    # files) share each batch.
+    mini = int(np.clip(batch_size // 8, 16, 1024))
+    ds = ds.flat_map(lambda f, l: _mini_blocks(f, l, mini)).shuffle(
+        data.shuffle_blocks, seed=seed)
   ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
   if skip_batches:
     ds = ds.skip(skip_batches)
@@ -386,17 +389,17 @@ def _negatives_and_shuffle(example, seed, num_negatives: int,
       labels, order)
 
 
-def _mini_blocks(features, labels) -> tf.data.Dataset:
-  """Cuts a block into mini-blocks of _MINI_BLOCK rows (the last one shorter).
+def _mini_blocks(features, labels, size: int) -> tf.data.Dataset:
+  """Cuts a block into mini-blocks of `size` rows (the last one shorter).
 
   Shuffling mini-blocks mixes rows across blocks and files at a per-element
   cost of one mini-block, not one row.
   """
   n = tf.shape(labels)[0]
-  full = n // _MINI_BLOCK * _MINI_BLOCK
+  full = n // size * size
 
   def cut(x):
-    return tf.reshape(x[:full], [-1, _MINI_BLOCK])
+    return tf.reshape(x[:full], [-1, size])
 
   whole = tf.data.Dataset.from_tensor_slices(
       ({k: cut(v) for k, v in features.items()}, cut(labels)))

@@ -37,7 +37,8 @@ class DataConfig:
       "skip" drops malformed rows and counts them.
     block_bytes: Compressed bytes read per block; rows are parsed a whole
       block at a time.
-    shuffle_blocks: Mini-blocks of 1024 rows held in the shuffle buffer.
+    shuffle_blocks: Mini-blocks (batch/8 rows, 16 to 1024) held in the
+      shuffle buffer.
   """
   train_files: Tuple[str, ...] = ()
   eval_files: Tuple[str, ...] = ()
@@ -54,7 +55,7 @@ class DataConfig:
   negative_catalog: str = ""
   bad_rows: str = "error"
   block_bytes: int = 4 << 20
-  shuffle_blocks: int = 64
+  shuffle_blocks: int = 256
 
   def column_type(self, name: str) -> str:
     return self.column_types[self.columns.index(name)]
