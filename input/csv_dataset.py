@@ -357,8 +357,11 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
     ds = ds.skip(skip_batches)
   options = tf.data.Options()
   options.deterministic = True
+  # With an input context the files were sharded above; without one the
+  # caller may hand the dataset to a strategy, which then splits its batches.
   options.experimental_distribute.auto_shard_policy = (
-      tf.data.experimental.AutoShardPolicy.OFF)  # Sharded by hand above.
+      tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
+      else tf.data.experimental.AutoShardPolicy.DATA)
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 

@@ -197,7 +197,7 @@ def train_and_evaluate(config) -> Dict[str, Any]:
         "train_rows_skipped": train_stats.skipped,
     }
     if eval_files:
-      summary["eval"] = _evaluate(model, config, strategy, eval_files,
+      summary["eval"] = _evaluate(model, config, eval_files,
                                   eval_stats, on_tpu,
                                   data.negative_catalog or vocab)
       summary["eval_rows"] = eval_stats.rows
@@ -220,21 +220,21 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   return summary
 
 
-def _evaluate(model, config, strategy, files, stats, on_tpu,
+def _evaluate(model, config, files, stats, on_tpu,
               negative_catalog: str) -> Dict[str, float]:
   """Evaluates on every held-out row, one step per execution.
 
   In implicit mode each held-out positive gets the same number of random
   negatives as in training (seeded), so AUC compares positives with them.
   """
-  # With several steps per execution Keras needs the step count up front; one
-  # step per execution lets the last, partial batch end the pass exactly.
+  # The evaluation pass has an unknown length. Keras then needs one step per
+  # execution and an undistributed dataset of global batches, which it splits
+  # across replicas itself, the last partial batch included.
   model.compile(optimizer=model.optimizer, steps_per_execution=1)
-  eval_ds = strategy.distribute_datasets_from_function(
-      lambda ctx: csv_dataset.make_dataset(
-          config.data, files, config.train.eval_batch_size, training=False,
-          seed=config.train.seed + 1, drop_remainder=on_tpu,
-          input_context=ctx, stats=stats, negative_catalog=negative_catalog))
+  eval_ds = csv_dataset.make_dataset(
+      config.data, files, config.train.eval_batch_size, training=False,
+      seed=config.train.seed + 1, drop_remainder=on_tpu, stats=stats,
+      negative_catalog=negative_catalog)
   results = model.evaluate(eval_ds, return_dict=True, verbose=0)
   writer = tf.summary.create_file_writer(
       os.path.join(config.runtime.model_dir, "eval"))

@@ -1,0 +1,178 @@
+"""End-to-end runs of `python -m trainer.task`, each in its own process."""
+
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from input import synthetic
+from trainer import config as config_lib
+from trainer import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_task(*flags, timeout=600):
+  """Runs the trainer; returns (exit code, combined log)."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "trainer.task", *flags], cwd=REPO,
+      capture_output=True, text=True, timeout=timeout)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def score_saved_model(export_dir, users, items):
+  """Scores raw IDs with a SavedModel loaded in a fresh Python process."""
+  code = (
+      "import json, sys, numpy as np, tensorflow as tf\n"
+      "m = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+      "u, i = json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+      "s = m(user_id=tf.constant(u, tf.int64), item_id=tf.constant(i, tf.int64))"
+      "['score']\n"
+      "print(json.dumps(s.numpy().astype(float).tolist()))\n")
+  out = subprocess.run(
+      [sys.executable, "-c", code, export_dir, json.dumps(users),
+       json.dumps(items)], capture_output=True, text=True, check=True,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def scores_from_checkpoint(model_dir, users, items):
+  """Scores raw IDs with a model rebuilt from the run's config and checkpoint."""
+  config = config_lib.load(os.path.join(model_dir, "config.json"))
+  model = model_lib.MatrixFactorization(config)
+  tf.train.Checkpoint(model=model).restore(
+      tf.train.latest_checkpoint(model_dir)).expect_partial()
+  logits = model({"user_id": tf.constant(users, tf.int64),
+                  "item_id": tf.constant(items, tf.int64)})
+  return tf.sigmoid(logits).numpy()
+
+
+class DemoTest(tf.test.TestCase):
+  """The embedded demo, run once, as `make demo` runs it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.work = os.path.join(cls.get_temp_dir(cls()), "demo")
+    cls.code, cls.log = run_task(f"--work_dir={cls.work}")
+    cls.model_dir = os.path.join(cls.work, "model")
+    cls.export_dir = os.path.join(cls.work, "export")
+
+  def test_demo_learns_the_planted_signal(self):
+    self.assertEqual(self.code, 0, self.log[-3000:])
+    with open(os.path.join(self.model_dir, "metrics.json")) as f:
+      metrics = json.load(f)
+    self.assertGreaterEqual(metrics["eval"]["auc"], 0.80)
+    self.assertEqual(metrics["eval_rows"], 20000)
+    self.assertIn("Summary:", self.log)
+    self.assertRegex(self.log, r"step \d+/\d+ .*examples/s")
+
+  def test_config_json_reproduces_the_run(self):
+    config = config_lib.load(os.path.join(self.model_dir, "config.json"))
+    self.assertEqual(config, config_lib.demo_preset(self.work))
+
+  def test_reloaded_export_scores_exactly_as_the_model(self):
+    users, items = [0, 1, 2, 1999, 123456789], [5, 6, 7, 999, 987654321]
+    # The last pair was never seen: it still gets a score (hash buckets).
+    reloaded = score_saved_model(self.export_dir, users, items)
+    self.assertAllClose(reloaded,
+                        scores_from_checkpoint(self.model_dir, users, items),
+                        rtol=1e-6, atol=1e-7)
+    self.assertAllInRange(reloaded, 0.0, 1.0)
+
+  def test_embedding_tables_are_exported(self):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    table = pq.read_table(os.path.join(self.export_dir,
+                                       "item_embeddings.parquet"))
+    self.assertEqual(table.column_names, ["id", "embedding", "bias"])
+    self.assertEqual(table.num_rows, 100_000)  # One row per hash bucket.
+    self.assertLen(table.column("embedding")[0].as_py(), 32)
+
+
+class StrategyAndFailureTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.get_temp_dir()
+    self.data = os.path.join(self.dir, "data")
+    synthetic.write_log(self.data, num_rows=60_000, num_users=500,
+                        num_items=200, num_shards=4)
+    self.common = [f"--train_files={self.data}/train-*",
+                   f"--eval_files={self.data}/eval-*", "--num_bins=20000"]
+
+  def test_mirrored_on_two_logical_cpus(self):
+    code, log = run_task(*self.common, "--strategy=mirrored",
+                         "--num_cpu_devices=2", "--epochs=6",
+                         f"--model_dir={self.dir}/m")
+    self.assertEqual(code, 0, log[-3000:])
+    self.assertIn("MirroredStrategy with 2 replica(s)", log)
+    with open(f"{self.dir}/m/metrics.json") as f:
+      self.assertGreater(json.load(f)["eval"]["auc"], 0.75)
+
+  def test_resumes_after_sigkill(self):
+    flags = [*self.common, "--batch_size=128", "--epochs=40",
+             "--checkpoint_every_steps=200", "--steps_per_execution=8",
+             f"--model_dir={self.dir}/r"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.task", *flags],
+                            cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not tf.io.gfile.glob(
+        f"{self.dir}/r/ckpt-*.index"):
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = tf.train.latest_checkpoint(f"{self.dir}/r")
+    self.assertIsNotNone(saved, "no checkpoint before the kill")
+    self.assertFalse(os.path.exists(f"{self.dir}/r/metrics.json"))
+    code, log = run_task(*flags)
+    self.assertEqual(code, 0, log[-3000:])
+    step = int(re.search(r"Resumed from \S+ at step (\d+)", log).group(1))
+    self.assertGreater(step, 0)
+    with open(f"{self.dir}/r/metrics.json") as f:
+      metrics = json.load(f)
+    self.assertEqual(metrics["resumed_from_step"], step)
+    self.assertGreater(metrics["steps"], step)
+    self.assertEqual(tf.train.latest_checkpoint(f"{self.dir}/r"),
+                     f"{self.dir}/r/ckpt-{metrics['steps']}")
+
+  def test_malformed_rows_fail_or_are_skipped_and_counted(self):
+    shard = f"{self.data}/train-00001-of-00004.csv.gz"
+    with gzip.open(shard, "rt") as f:
+      lines = f.read().splitlines()
+    # Three planted malformed rows: too few fields, text IDs, text label.
+    lines[10] = "1,2,1"
+    lines[500] = "abc,7,1,1600000000"
+    lines[900] = "3,4,yes,1600000000"
+    with gzip.open(shard, "wt") as f:
+      f.write("\n".join(lines) + "\n")
+    code, log = run_task(*self.common, f"--model_dir={self.dir}/e")
+    self.assertNotEqual(code, 0)
+    self.assertIn("train-00001-of-00004.csv.gz", log)
+    self.assertIn("line 11", log)  # The first bad row, counted from 1.
+    code, log = run_task(*self.common, "--bad_rows=skip",
+                         f"--model_dir={self.dir}/s")
+    self.assertEqual(code, 0, log[-3000:])
+    with open(f"{self.dir}/s/metrics.json") as f:
+      self.assertEqual(json.load(f)["train_rows_skipped"], 3)
+    self.assertIn("Skipped 3 malformed rows", log)
+
+  def test_changed_model_settings_refuse_to_resume(self):
+    code, _ = run_task(*self.common, "--train_steps=5",
+                       f"--model_dir={self.dir}/c")
+    self.assertEqual(code, 0)
+    code, log = run_task(*self.common, "--train_steps=5", "--embedding_dim=8",
+                         f"--model_dir={self.dir}/c")
+    self.assertNotEqual(code, 0)
+    self.assertIn("embedding_dim: 32 -> 8", log)
+
+
+if __name__ == "__main__":
+  tf.test.main()
