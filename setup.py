@@ -18,6 +18,7 @@ setuptools.setup(
         "absl-py==2.5.1",
         "numpy==2.4.6",
         "pyarrow==26.0.1",
+        "isal==1.9.1",
         "google-cloud-storage==3.17.1",
     ],
     extras_require={

@@ -1,6 +1,7 @@
 """tf.data pipeline: gzipped CSV shards (local or gs://) -> (features, labels) batches.
 
-Each shard is read by a Python generator that streams it through zlib and parses
+Each shard is read by a Python generator that streams it through ISA-L's
+inflate (zlib-compatible, about twice as fast as zlib) and parses
 whole blocks of rows with pyarrow's CSV reader; both release the GIL, so shards
 interleaved in parallel use every core, and a bad row or a truncated shard is
 reported with the file's name. The rest (labels, negatives, shuffling,
@@ -9,10 +10,10 @@ rebatching) is tf.data graph code. Nothing here knows about the model.
 
 import re
 import threading
-import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
+from isal import isal_zlib as zlib  # ISA-L inflate: zlib's API, ~2x faster.
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
