@@ -74,6 +74,16 @@ class TablesTest(tf.test.TestCase):
     # indices are summed first (g = 2, -2). Untouched rows stay at 1.
     self.assertAllClose(var.numpy(), [[1, 1], [0.9, 1.1], [1, 1], [1, 1]])
 
+  def test_sparse_sgd_moves_touched_rows_by_lr_times_gradient(self):
+    var = tf.Variable(tf.ones([3, 2]))
+    opt = embedding.make_optimizer("sgd", 0.5)
+    grad = tf.IndexedSlices(tf.constant([[1.0, 2.0], [1.0, 0.0]]),
+                            tf.constant([2, 2]), tf.constant([3, 2]))
+    opt.apply_gradients([(grad, var)])
+    # Row 2: 1 - 0.5 * (1 + 1), 1 - 0.5 * (2 + 0); rows 0 and 1 untouched.
+    self.assertAllClose(var.numpy(), [[1, 1], [1, 1], [0, 0]])
+    self.assertEmpty([v for v in opt.variables if v.shape == var.shape])
+
   def test_keras_adam_touches_every_row(self):
     # The reason LazyAdam exists: Keras Adam decays all moments every step.
     var = tf.Variable(tf.ones([3, 1]))
