@@ -1,0 +1,357 @@
+"""Input and training throughput, side by side in one run, against the tutorial way.
+
+  python -m benchmarks.throughput [--rows=20000000] [--out=work/throughput]
+
+Generates an ML-20M-shaped log (8 gz shards; 138,493 users, 26,744 Zipf-popular
+items; `user_id,item_id,label,timestamp`) if absent, plus a 2M-row copy for the
+memory check. Each measurement runs in its own process, so its peak RSS is its
+own. Prints a table with ratios and writes OUT/throughput.json.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+
+from absl import app, flags, logging
+import numpy as np
+
+NUM_USERS, NUM_ITEMS, NUM_SHARDS = 138_493, 26_744, 8
+TABLE_ROWS, DIM = 200_000, 32
+
+_ROWS = flags.DEFINE_integer("rows", 20_000_000, "Rows of the large log.")
+_SMALL_ROWS = flags.DEFINE_integer("small_rows", 2_000_000,
+                                   "Rows of the log for the memory check.")
+_OUT = flags.DEFINE_string("out", "work/throughput", "Data and results folder.")
+_TUTORIAL_ROWS = flags.DEFINE_integer(
+    "tutorial_rows", 1_000_000, "Rows the (slow) tutorial pipeline reads.")
+_TUTORIAL_EXAMPLES = flags.DEFINE_integer(
+    "tutorial_examples", 1_000_000, "Examples the Keras-Adam configs train on.")
+_MEASURE = flags.DEFINE_string("measure", None, "Internal: one measurement.")
+_DATA = flags.DEFINE_string("data", None, "Internal: shard folder.")
+_ARG = flags.DEFINE_string("arg", "", "Internal: measurement argument.")
+
+
+# ---------------------------------------------------------------- the data.
+
+def _write_shard(args):
+  path, rows, seed = args
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pcsv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  cdf = np.cumsum(1.0 / np.arange(1, NUM_ITEMS + 1))
+  item_of_rank = np.random.default_rng(0).permutation(NUM_ITEMS)
+  items = item_of_rank[np.searchsorted(cdf, rng.random(rows) * cdf[-1])]
+  table = pa.table({
+      "user_id": rng.integers(0, NUM_USERS, rows),
+      "item_id": items,
+      "label": rng.integers(0, 2, rows),
+      "timestamp": 1_000_000_000 + rng.integers(0, 10**8, rows)})
+  with pa.CompressedOutputStream(path + ".tmp", "gzip") as out:
+    pcsv.write_csv(table, out, pcsv.WriteOptions(include_header=False))
+  os.replace(path + ".tmp", path)
+
+
+def ensure_log(folder: str, rows: int) -> str:
+  """Writes the log once; later runs reuse it."""
+  paths = [os.path.join(folder, f"train-{i:05d}-of-{NUM_SHARDS:05d}.csv.gz")
+           for i in range(NUM_SHARDS)]
+  todo = [(p, rows // NUM_SHARDS, i) for i, p in enumerate(paths)
+          if not os.path.exists(p)]
+  if todo:
+    os.makedirs(folder, exist_ok=True)
+    logging.info("Writing %d rows in %d shards to %s ...", rows, NUM_SHARDS,
+                 folder)
+    with futures.ProcessPoolExecutor(2) as pool:
+      list(pool.map(_write_shard, todo))
+  return folder
+
+
+def _files(folder):
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                if f.endswith(".csv.gz"))
+
+
+# ------------------------------------------- measurements (child processes).
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _tutorial_lines(files, batch):
+  """The tutorial pipeline: TextLineDataset -> batch -> decode_csv."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  defaults = [tf.constant(0, tf.int64)] * 2 + [tf.constant(0.0)] + [
+      tf.constant(0, tf.int64)]
+  ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+      lambda f: tf.data.TextLineDataset(f, compression_type="GZIP"),
+      cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def decode(lines):
+    u, i, label, _ = tf.io.decode_csv(lines, defaults)
+    return {"user_id": u, "item_id": i}, label
+  return ds.batch(batch).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _our_dataset(files, batch, epochs=1):
+  from input import csv_dataset  # pylint: disable=g-import-not-at-top
+  from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
+  data = config_lib.DataConfig(train_files=tuple(files))
+  return csv_dataset.make_dataset(data, files, batch, training=True, seed=0,
+                                  epochs=epochs)
+
+
+def _tutorial_model(optimizer):
+  """What the tutorials write: two Keras Embedding tables and a dot product."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_keras  # pylint: disable=g-import-not-at-top
+
+  class TutorialMF(tf_keras.Model):
+
+    def __init__(self):
+      super().__init__()
+      self.users = tf_keras.layers.Embedding(TABLE_ROWS, DIM)
+      self.items = tf_keras.layers.Embedding(TABLE_ROWS, DIM)
+
+    def call(self, f):
+      u = self.users(f["user_id"] % TABLE_ROWS)
+      v = self.items(f["item_id"] % TABLE_ROWS)
+      return tf.reduce_sum(u * v, axis=1)
+
+  model = TutorialMF()
+  model.compile(optimizer=optimizer,
+                loss=tf_keras.losses.BinaryCrossentropy(from_logits=True))
+  return model
+
+
+def _our_model(optimizer, steps_per_execution=16):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
+  from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
+  from trainer import embedding  # pylint: disable=g-import-not-at-top
+  from trainer import model as model_lib  # pylint: disable=g-import-not-at-top
+  tables = tuple(config_lib.TableConfig(f, num_bins=TABLE_ROWS, salt=i + 1,
+                                        optimizer=optimizer)
+                 for i, f in enumerate(("user_id", "item_id")))
+  config = config_lib.Config(
+      data=config_lib.DataConfig(train_files=("x",)),
+      model=config_lib.ModelConfig(embedding_dim=DIM, tables=tables))
+  model = model_lib.MatrixFactorization(config)
+  model.compile(optimizer=embedding.make_optimizer("adagrad", 0.05),
+                steps_per_execution=steps_per_execution)
+  return model
+
+
+def _in_memory(batch):
+  """Pre-made batches, cached and repeated: training cost alone."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  k = 16
+  users = rng.integers(0, NUM_USERS, (k, batch))
+  items = rng.integers(0, NUM_ITEMS, (k, batch))
+  labels = rng.integers(0, 2, (k, batch)).astype(np.float32)
+  ds = tf.data.Dataset.from_tensor_slices(
+      ({"user_id": users, "item_id": items}, labels)).cache().repeat()
+  return ds
+
+
+def _timed_fit(model, ds, steps, warmup):
+  model.fit(ds, steps_per_epoch=warmup, verbose=0)  # Traces the step.
+  t0 = time.time()
+  model.fit(ds, steps_per_epoch=steps, verbose=0)
+  return time.time() - t0
+
+
+def measure(name: str, folder: str, arg: str) -> dict:
+  """Runs one measurement in this process; returns its figures."""
+  files = _files(folder)
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  if name == "input_tutorial":
+    n, t0 = 0, time.time()
+    for _, label in _tutorial_lines(files, 16):
+      n += int(label.shape[0])
+      if n >= int(arg):
+        break
+    return {"rows_per_s": n / (time.time() - t0), "rows": n}
+  if name == "input_ours":
+    n, t0 = 0, time.time()
+    for _, label in _our_dataset(files, 4096):
+      n += int(label.shape[0])
+    return {"rows_per_s": n / (time.time() - t0), "rows": n}
+  if name.startswith("memory-"):
+    _, kind, opt, batch = name.split("-")
+    batch = int(batch)
+    if kind == "tutorial":
+      model, warmup = _tutorial_model(tf_keras.optimizers.Adam(0.001)), 5
+    else:
+      model, warmup = _our_model(opt), 32
+    steps = max(32, int(arg) // batch // 16 * 16)
+    seconds = _timed_fit(model, _in_memory(batch), steps, warmup)
+    return {"ex_per_s": steps * batch / seconds,
+            "ms_per_step": 1000 * seconds / steps, "batch": batch}
+  if name == "e2e_tutorial":
+    model = _tutorial_model(tf_keras.optimizers.Adam(0.001))
+    steps = max(8, int(arg) // 4096)
+    ds = _tutorial_lines(files, 4096).repeat()
+    seconds = _timed_fit(model, ds, steps, 3)
+    return {"ex_per_s": steps * 4096 / seconds}
+  raise ValueError(name)
+
+
+def _child(name, folder, arg=""):
+  """Runs `measure` in a fresh process; adds its peak RSS."""
+  cmd = [sys.executable, "-m", "benchmarks.throughput", f"--measure={name}",
+         f"--data={folder}", f"--arg={arg}"]
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _trainer_e2e(folder, work):
+  """`python -m trainer.task` on the shards, one epoch, batch 4096, Adagrad."""
+  model_dir = tempfile.mkdtemp(dir=work)
+  cmd = [sys.executable, "-m", "trainer.task", f"--train_files={folder}/*.gz",
+         f"--model_dir={model_dir}", f"--num_bins={TABLE_ROWS}",
+         f"--embedding_dim={DIM}", "--batch_size=4096", "--epochs=1",
+         "--embedding_optimizer=adagrad", "--log_every_steps=1000",
+         "--checkpoint_every_steps=1000000000"]
+  t0 = time.time()
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _, status, usage = os.wait4(proc.pid, 0)
+  wall = time.time() - t0
+  stderr = proc.stderr.read()
+  if os.waitstatus_to_exitcode(status):
+    raise RuntimeError(f"trainer failed:\n{stderr[-3000:]}")
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    metrics = json.load(f)
+  return {"ex_per_s": metrics["train_examples_per_sec"],
+          "wall_s": wall, "train_s": metrics["train_seconds"],
+          "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def _zcat(files, processes):
+  halves = [files[i::processes] for i in range(processes)]
+  t0 = time.time()
+  procs = [subprocess.Popen(f"zcat {' '.join(h)} | wc -l", shell=True,
+                            stdout=subprocess.PIPE, text=True) for h in halves]
+  rows = sum(int(p.communicate()[0]) for p in procs)
+  return {"rows_per_s": rows / (time.time() - t0), "rows": rows}
+
+
+# ------------------------------------------------------------------ report.
+
+def run(rows, small_rows, out, tutorial_rows, tutorial_examples) -> dict:
+  """All measurements, one after another, on an otherwise idle machine."""
+  big = ensure_log(os.path.join(out, f"rows{rows}"), rows)
+  small = ensure_log(os.path.join(out, f"rows{small_rows}"), small_rows)
+  files = _files(big)
+  r = {}
+  logging.info("zcat ...")
+  r["zcat_1"] = _zcat(files, 1)
+  r["zcat_2"] = _zcat(files, 2)
+  for name, arg in (("input_tutorial", tutorial_rows), ("input_ours", "")):
+    logging.info("%s ...", name)
+    r[name] = _child(name, big, arg)
+  # (kind, optimizer, batch, examples): the tutorial's Keras Adam is slow,
+  # so it trains on fewer examples; rates do not depend on the count.
+  for kind, opt, batch, examples in (
+      ("tutorial", "adam", 16, tutorial_examples // 50),
+      ("tutorial", "adam", 4096, tutorial_examples),
+      ("ours", "adagrad", 4096, 8_000_000), ("ours", "sgd", 4096, 8_000_000),
+      ("ours", "lazy_adam", 4096, 8_000_000),
+      ("ours", "adagrad", 256, 2_000_000),
+      ("ours", "adagrad", 16384, 8_000_000)):
+    name = f"memory-{kind}-{opt}-{batch}"
+    logging.info("%s ...", name)
+    r[name] = _child(name, big, examples)
+  logging.info("e2e_tutorial ...")
+  r["e2e_tutorial"] = _child("e2e_tutorial", big, tutorial_examples)
+  logging.info("trainer end to end on %d rows ...", rows)
+  r["e2e_ours"] = _trainer_e2e(big, out)
+  logging.info("trainer end to end on %d rows ...", small_rows)
+  r["e2e_ours_small"] = _trainer_e2e(small, out)
+  return r
+
+
+def report(r, rows, small_rows) -> dict:
+  """Prints the table and returns throughput.json's content."""
+  z2 = r["zcat_2"]["rows_per_s"]
+  tut = r["e2e_tutorial"]["ex_per_s"]
+  e2e = r["e2e_ours"]["ex_per_s"]
+  mem_ratio = (r["e2e_ours"]["peak_rss_bytes"] /
+               r["e2e_ours_small"]["peak_rss_bytes"])
+  lines = [f"{'measurement':<44} {'rate':>14} {'ratio':>22} {'peak RSS':>10}"]
+
+  def row(label, value, unit, ratio="", rss=None):
+    rss_text = f"{rss / 2**20:.0f} MiB" if rss else ""
+    rate = f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value:,.0f}"
+    lines.append(f"{label:<44} {rate:>9} {unit:<5} {ratio:>22} "
+                 f"{rss_text:>10}")
+
+  row("zcat, 1 process", r["zcat_1"]["rows_per_s"], "rows")
+  row("zcat, 2 processes", z2, "rows")
+  for key, label in (("input_tutorial", "tutorial pipeline (batch 16)"),
+                     ("input_ours", "our input pipeline (batch 4096)")):
+    row(label, r[key]["rows_per_s"], "rows",
+        f"{r[key]['rows_per_s'] / z2:.2f}x zcat-2", r[key]["peak_rss_bytes"])
+  for key in [k for k in r if k.startswith("memory-")]:
+    _, kind, opt, batch = key.split("-")
+    who = "tutorial Keras" if kind == "tutorial" else "trainer"
+    row(f"in memory, {who} {opt}, batch {batch}", r[key]["ex_per_s"], "ex",
+        f"{r[key]['ms_per_step']:.2f} ms/step", r[key]["peak_rss_bytes"])
+  row("end to end, tutorial (Keras Adam, b4096)", tut, "ex", "1.00x",
+      r["e2e_tutorial"]["peak_rss_bytes"])
+  row(f"end to end, trainer.task ({rows:,} rows)", e2e, "ex",
+      f"{e2e / tut:.1f}x tutorial", r["e2e_ours"]["peak_rss_bytes"])
+  row(f"end to end, trainer.task ({small_rows:,} rows)",
+      r["e2e_ours_small"]["ex_per_s"], "ex", "",
+      r["e2e_ours_small"]["peak_rss_bytes"])
+  lines.append("")
+  lines.append(f"input / zcat-2: {r['input_ours']['rows_per_s'] / z2:.2f} "
+               "(bar >= 0.5)")
+  lines.append(f"end to end: {e2e / 1e6:.2f}M ex/s (bar >= 0.5M), "
+               f"{e2e / tut:.1f}x the Keras-Adam tutorial config (bar >= 6x)")
+  lines.append(f"peak RSS {rows:,} rows / {small_rows:,} rows:"
+               f" {mem_ratio:.3f} (bar <= 1.10)")
+  print("\n".join(lines))
+  return {
+      "zcat_rows_per_s": r["zcat_1"]["rows_per_s"],
+      "zcat_2proc_rows_per_s": z2,
+      "input_rows_per_s": r["input_ours"]["rows_per_s"],
+      "tutorial_input_rows_per_s": r["input_tutorial"]["rows_per_s"],
+      "train_ex_per_s": r["memory-ours-adagrad-4096"]["ex_per_s"],
+      "e2e_ex_per_s": e2e,
+      "tutorial_e2e_ex_per_s": tut,
+      "peak_rss_bytes": {k: v.get("peak_rss_bytes") for k, v in r.items()
+                         if v.get("peak_rss_bytes")},
+      "peak_rss_ratio_large_over_small": mem_ratio,
+      "step_ms": {b: r[f"memory-ours-adagrad-{b}"]["ms_per_step"]
+                  for b in (256, 4096, 16384)},
+      "details": r,
+  }
+
+
+def main(argv):
+  del argv
+  if _MEASURE.value:
+    result = measure(_MEASURE.value, _DATA.value, _ARG.value)
+    result["peak_rss_bytes"] = _peak_rss()
+    print(json.dumps(result))
+    return
+  os.makedirs(_OUT.value, exist_ok=True)
+  r = run(_ROWS.value, _SMALL_ROWS.value, _OUT.value, _TUTORIAL_ROWS.value,
+          _TUTORIAL_EXAMPLES.value)
+  summary = report(r, _ROWS.value, _SMALL_ROWS.value)
+  path = os.path.join(_OUT.value, "throughput.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  logging.info("Wrote %s", path)
+
+
+if __name__ == "__main__":
+  app.run(main)
