@@ -22,8 +22,15 @@ setuptools.setup(
         "google-cloud-storage==3.17.1",
     ],
     extras_require={
+        # Baselines and plots of the quality benchmarks.
+        "bench": [
+            "implicit==0.7.3",
+            "scipy==1.17.1",
+        ],
         "test": [
             "pytest==9.2.0",
+            "implicit==0.7.3",
+            "scipy==1.17.1",
         ],
     },
 )
