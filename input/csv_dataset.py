@@ -339,20 +339,19 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
                  data.num_negatives,
                  f"{len(catalog)} items of {catalog_path}"
                  if catalog is not None else "the distinct items of each block")
-  if training or data.num_negatives:
-    # One seed per block from a seeded stream keeps the whole pipeline
-    # replayable: a resumed run skips to exactly the batches it had left.
-    block_seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    ds = tf.data.Dataset.zip((ds, block_seeds)).map(
-        lambda ex, s: _negatives_and_shuffle(ex, s, data.num_negatives,
-                                             catalog, permute=training),
+  # Seeded streams of per-element seeds keep the whole pipeline replayable:
+  # a resumed run skips to exactly the batches it had left.
+  if data.num_negatives:
+    ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
+        lambda ex, s: _add_negatives(ex, s, data.num_negatives, catalog),
         num_parallel_calls=tf.data.AUTOTUNE)
   if training:
-    # A batch gathers at least ~8 mini-blocks, so rows of several blocks (and
-    # files) share each batch.
-    mini = int(np.clip(batch_size // 8, 16, 1024))
-    ds = ds.flat_map(lambda f, l: _mini_blocks(f, l, mini)).shuffle(
-        data.shuffle_blocks, seed=seed)
+    # Consecutive blocks come from different files (the interleave alternates
+    # them); permuting super-blocks of them mixes rows across blocks and files
+    # at a per-element cost of one super-block, not one row.
+    ds = ds.rebatch(max(data.shuffle_rows, 8 * batch_size))
+    ds = tf.data.Dataset.zip((ds, _seeds(seed + 1))).map(
+        _permute, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
   if skip_batches:
     ds = ds.skip(skip_batches)
@@ -366,50 +365,37 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _negatives_and_shuffle(example, seed, num_negatives: int,
-                           catalog: Optional[np.ndarray], permute: bool):
-  """Adds `num_negatives` random items per row, then maybe permutes the block."""
-  (features, labels) = example
-  keys = list(features)
-  user, item = keys
-  if num_negatives:
-    n = tf.shape(labels)[0] * num_negatives
-    pool = (tf.constant(catalog) if catalog is not None
-            else tf.unique(features[item]).y)
-    picks = tf.random.stateless_uniform(
-        [n], seed=seed, maxval=tf.shape(pool, out_type=tf.int64)[0],
-        dtype=tf.int64)
-    features = {
-        user: tf.concat([features[user],
-                         tf.repeat(features[user], num_negatives)], 0),
-        item: tf.concat([features[item], tf.gather(pool, picks)], 0),
-    }
-    labels = tf.concat([labels, tf.zeros([n], tf.float32)], 0)
-  if not permute:
-    return features, labels
+def _seeds(seed: int) -> tf.data.Dataset:
+  """An endless, seeded stream of stateless-RNG seeds (int64 [2])."""
+  return tf.data.Dataset.random(seed=seed).batch(2)
+
+
+def _add_negatives(example, seed, num_negatives: int,
+                   catalog: Optional[np.ndarray]):
+  """Appends `num_negatives` uniform random items (label 0) per row."""
+  features, labels = example
+  user, item = list(features)
+  n = tf.shape(labels)[0] * num_negatives
+  pool = (tf.constant(catalog) if catalog is not None
+          else tf.unique(features[item]).y)
+  picks = tf.random.stateless_uniform(
+      [n], seed=seed, maxval=tf.shape(pool, out_type=tf.int64)[0],
+      dtype=tf.int64)
+  features = {
+      user: tf.concat([features[user],
+                       tf.repeat(features[user], num_negatives)], 0),
+      item: tf.concat([features[item], tf.gather(pool, picks)], 0),
+  }
+  return features, tf.concat([labels, tf.zeros([n], tf.float32)], 0)
+
+
+def _permute(example, seed):
+  """Shuffles the rows of a super-block."""
+  features, labels = example
   order = tf.random.experimental.stateless_shuffle(
-      tf.range(tf.shape(labels)[0]), seed=seed[::-1])
-  return {k: tf.gather(v, order) for k, v in features.items()}, tf.gather(
-      labels, order)
-
-
-def _mini_blocks(features, labels, size: int) -> tf.data.Dataset:
-  """Cuts a block into mini-blocks of `size` rows (the last one shorter).
-
-  Shuffling mini-blocks mixes rows across blocks and files at a per-element
-  cost of one mini-block, not one row.
-  """
-  n = tf.shape(labels)[0]
-  full = n // size * size
-
-  def cut(x):
-    return tf.reshape(x[:full], [-1, size])
-
-  whole = tf.data.Dataset.from_tensor_slices(
-      ({k: cut(v) for k, v in features.items()}, cut(labels)))
-  rest = tf.data.Dataset.from_tensors(
-      ({k: v[full:] for k, v in features.items()}, labels[full:]))
-  return whole.concatenate(rest.filter(lambda f, l: tf.size(l) > 0))
+      tf.range(tf.shape(labels)[0]), seed=seed)
+  return ({k: tf.gather(v, order) for k, v in features.items()},
+          tf.gather(labels, order))
 
 
 def count_rows(data, files: Sequence[str], stats: Optional[RowStats] = None,

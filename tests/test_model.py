@@ -36,7 +36,7 @@ class IdLookupTest(tf.test.TestCase):
     table = config_lib.TableConfig("user_id", num_bins=5, salt=3)
     for dtype, ids in (("int64", tf.constant([1, 2, 1], tf.int64)),
                        ("string", tf.constant(["a", "b", "a"]))):
-      rows = embedding.IdLookup(table, "hash", dtype)(ids).numpy()
+      rows = embedding.IdLookup(table, "hash", dtype)(ids)[0].numpy()
       self.assertEqual(rows[0], rows[2])
       self.assertAllInRange(rows, 0, 4)
 
@@ -48,10 +48,25 @@ class IdLookupTest(tf.test.TestCase):
     lookup = embedding.IdLookup(table, "vocab", "int64")
     self.assertEqual(lookup.num_rows, 3)
     # Row 0 is the OOV row; the vocabulary follows in file order.
-    self.assertAllEqual(lookup(tf.constant([42, 7, 999], tf.int64)), [1, 2, 0])
+    self.assertAllEqual(lookup(tf.constant([42, 7, 999], tf.int64))[0],
+                        [1, 2, 0])
 
 
 class TablesTest(tf.test.TestCase):
+
+  def test_two_hashes_sum_two_rows_of_one_table(self):
+    table = config_lib.TableConfig("user_id", num_bins=1000, salt=1,
+                                   num_hashes=2)
+    lookup = embedding.IdLookup(table, "hash", "int64")
+    ids = tf.constant([3, 4], tf.int64)
+    first, second = lookup(ids)
+    self.assertNotAllEqual(first, second)
+    tables = embedding.EmbeddingTables([table], {"user_id": 1000}, 3, seed=0,
+                                       num_hashes={"user_id": 2})
+    self.assertLen(tables.tables(), 1)  # Same memory as one hash.
+    t = tables.tables()["user_id"].numpy()
+    self.assertAllClose(tables({"user_id": [first, second]})["user_id"],
+                        t[first.numpy()] + t[second.numpy()])
 
   def test_tables_are_distinct_and_bias_slot_starts_at_zero(self):
     config = tiny_config()
@@ -108,7 +123,7 @@ class MatrixFactorizationTest(tf.test.TestCase):
     self.model.global_bias.assign(0.1)
 
   def rows(self, ids, feature):
-    return self.model.lookups[feature](tf.constant(ids, tf.int64)).numpy()
+    return self.model.lookups[feature](tf.constant(ids, tf.int64))[0].numpy()
 
   def test_score_is_dot_plus_biases(self):
     users, items = [5, 6, 7], [1, 2, 3]

@@ -8,6 +8,7 @@ COLUMN_TYPES = ("int64", "float32", "string")
 LABEL_MODES = ("column", "threshold", "implicit")
 ID_MODES = ("hash", "vocab")
 OPTIMIZERS = ("adagrad", "sgd", "adam", "lazy_adam")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -36,9 +37,10 @@ class DataConfig:
     bad_rows: "error" stops on the first malformed row, naming the file;
       "skip" drops malformed rows and counts them.
     block_bytes: Compressed bytes read per block; rows are parsed a whole
-      block at a time.
-    shuffle_blocks: Mini-blocks (batch/8 rows, 16 to 1024) held in the
-      shuffle buffer.
+      block at a time. Memory in flight is a few blocks, whatever the shard
+      sizes.
+    shuffle_rows: Rows permuted together in training: consecutive blocks,
+      which the interleave takes from different files (at least 8 batches).
   """
   train_files: Tuple[str, ...] = ()
   eval_files: Tuple[str, ...] = ()
@@ -54,8 +56,8 @@ class DataConfig:
   num_negatives: int = 0
   negative_catalog: str = ""
   bad_rows: str = "error"
-  block_bytes: int = 4 << 20
-  shuffle_blocks: int = 256
+  block_bytes: int = 512 << 10
+  shuffle_rows: int = 1 << 18
 
   def column_type(self, name: str) -> str:
     return self.column_types[self.columns.index(name)]
@@ -73,6 +75,9 @@ class TableConfig:
     feature: The ID column that indexes this table.
     num_bins: Rows in hash mode.
     salt: Hash salt in hash mode (distinct salts give distinct hash functions).
+    num_hashes: Hash mode: each ID takes this many rows of the table, from as
+      many salted hashes, summed. At equal memory, two IDs then share all
+      their rows far more rarely than one row under plain hashing.
     vocab_file: Vocabulary file in vocab mode (one ID per line, most frequent
       first), as written by `python -m input.vocab`.
     num_oov: Out-of-vocabulary rows in vocab mode; unknown IDs hash into them.
@@ -87,6 +92,7 @@ class TableConfig:
   feature: str
   num_bins: int = 100_000
   salt: int = 0
+  num_hashes: int = 1
   vocab_file: str = ""
   num_oov: int = 1
   optimizer: str = "adagrad"
@@ -130,6 +136,8 @@ class TrainConfig:
     steps_per_execution: Steps run per tf.function call.
     optimizer: Optimizer of the dense parameters (the global bias).
     learning_rate: Its learning rate.
+    lr_schedule: "constant", or "cosine"/"linear" decay to 0 over the run's
+      steps; applies to every optimizer (tables and dense).
     seed: Seeds shuffling, negatives and initializers.
     checkpoint_every_steps: Steps between checkpoints (and a last one at end).
     log_every_steps: Steps between progress lines and TensorBoard points.
@@ -141,6 +149,7 @@ class TrainConfig:
   steps_per_execution: int = 16
   optimizer: str = "adagrad"
   learning_rate: float = 0.05
+  lr_schedule: str = "constant"
   seed: int = 42
   checkpoint_every_steps: int = 1000
   log_every_steps: int = 100
@@ -260,6 +269,8 @@ def validate(config: Config) -> Config:
     if m.id_mode == "hash":
       _check(tb.num_bins > 0, "Table %s: --num_bins must be positive.",
              tb.feature)
+      _check(tb.num_hashes >= 1, "Table %s: --num_hashes must be >= 1.",
+             tb.feature)
     else:
       _check(bool(tb.vocab_file),
              "Table %s: --id_mode=vocab needs a vocabulary file (build one with "
@@ -271,6 +282,8 @@ def validate(config: Config) -> Config:
   _check(t.steps_per_execution > 0, "--steps_per_execution must be > 0.")
   _check(t.optimizer in OPTIMIZERS, "--optimizer must be one of %s.",
          OPTIMIZERS)
+  _check(t.lr_schedule in LR_SCHEDULES, "--lr_schedule must be one of %s.",
+         LR_SCHEDULES)
   _check(r.strategy in STRATEGIES, "--strategy must be one of %s.", STRATEGIES)
   _check(r.strategy != "tpu" or bool(r.tpu), "--strategy=tpu needs --tpu.")
   _check(bool(r.model_dir), "Set --model_dir.")

@@ -7,7 +7,7 @@ per-table Keras optimizers below update, one row-sparse update per batch.
 """
 
 import contextlib
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -35,7 +35,8 @@ class IdLookup(tf_keras.layers.Layer):
     self._mode = id_mode
     self._dtype_name = id_dtype
     self._num_bins = table.num_bins
-    self._salt = table.salt
+    self._salts = [table.salt + 1000 * k for k in range(table.num_hashes)]
+    self.num_hashes = table.num_hashes if id_mode == "hash" else 1
     if id_mode == "vocab":
       layer = (tf_keras.layers.IntegerLookup if id_dtype == "int64" else
                tf_keras.layers.StringLookup)
@@ -49,16 +50,17 @@ class IdLookup(tf_keras.layers.Layer):
     else:
       self.num_rows = table.num_bins
 
-  def call(self, ids: tf.Tensor) -> tf.Tensor:
-    """Returns int32 rows in [0, num_rows), same shape as `ids`."""
+  def call(self, ids: tf.Tensor) -> List[tf.Tensor]:
+    """Returns `num_hashes` int32 row tensors in [0, num_rows), shaped as ids."""
     if self._mode == "vocab":
-      return tf.cast(self._vocab(ids), tf.int32)
+      return [tf.cast(self._vocab(ids), tf.int32)]
+    return [tf.cast(self._hash(ids, salt), tf.int32) for salt in self._salts]
+
+  def _hash(self, ids: tf.Tensor, salt: int) -> tf.Tensor:
     if ids.dtype == tf.string:
-      rows = tf.strings.to_hash_bucket_strong(
-          ids, self._num_bins, key=[self._salt, _GOLDEN >> 1])
-    else:
-      rows = tf.math.floormod(hash_int64(ids, self._salt), self._num_bins)
-    return tf.cast(rows, tf.int32)
+      return tf.strings.to_hash_bucket_strong(ids, self._num_bins,
+                                              key=[salt, _GOLDEN >> 1])
+    return tf.math.floormod(hash_int64(ids, salt), self._num_bins)
 
 
 def hash_int64(ids: tf.Tensor, salt: int) -> tf.Tensor:
@@ -145,8 +147,23 @@ class SparseSGD(tf_keras.optimizers.SGD):
 
 
 def make_optimizer(name: str, learning_rate: float,
-                   initial_accumulator: float = 1e-6):
-  """A Keras optimizer by name; all but "adam" update embedding rows sparsely."""
+                   initial_accumulator: float = 1e-6,
+                   schedule: str = "constant", total_steps: int = 0):
+  """A Keras optimizer by name; all but "adam" update embedding rows sparsely.
+
+  Args:
+    name: One of config.OPTIMIZERS.
+    learning_rate: Initial learning rate.
+    initial_accumulator: Adagrad's starting accumulator.
+    schedule: "constant", "cosine" or "linear" (decay to 0 by total_steps).
+    total_steps: Steps of the run, for the decaying schedules.
+  """
+  if schedule == "cosine" and total_steps:
+    learning_rate = tf_keras.optimizers.schedules.CosineDecay(
+        learning_rate, total_steps)
+  elif schedule == "linear" and total_steps:
+    learning_rate = tf_keras.optimizers.schedules.PolynomialDecay(
+        learning_rate, total_steps, end_learning_rate=0.0)
   if name == "adagrad":
     return tf_keras.optimizers.Adagrad(
         learning_rate, initial_accumulator_value=initial_accumulator)
@@ -189,6 +206,10 @@ def _local_string_variables():
     yield
 
 
+def _lookup_name(feature: str, k: int) -> str:
+  return feature if k == 0 else f"{feature}_hash{k}"
+
+
 class EmbeddingTables(tf_keras.layers.Layer):
   """One named TPUEmbedding table per ID feature; rows end in a bias slot.
 
@@ -199,12 +220,19 @@ class EmbeddingTables(tf_keras.layers.Layer):
     seed: Base seed; table i is initialised with seed + i.
     on_tpu: Whether the layer is built under a TPUStrategy (then the tables'
       own optimizers run on the TPU and the Keras ones are unused).
+    num_hashes: Row lookups per ID for each feature (default 1), summed.
+    lr_schedule: Learning-rate schedule of the tables' optimizers.
+    total_steps: Steps of the run, for decaying schedules.
   """
 
   def __init__(self, tables, num_rows: Mapping[str, int], embedding_dim: int,
-               seed: int, on_tpu: bool = False, **kwargs):
+               seed: int, on_tpu: bool = False,
+               num_hashes: Mapping[str, int] = None,
+               lr_schedule: str = "constant", total_steps: int = 0, **kwargs):
     super().__init__(name="embedding_tables", **kwargs)
     self._features = [t.feature for t in tables]
+    self._num_hashes = {t.feature: (num_hashes or {}).get(t.feature, 1)
+                        for t in tables}
     feature_config = {}
     for i, t in enumerate(tables):
       table = tf.tpu.experimental.embedding.TableConfig(
@@ -212,8 +240,11 @@ class EmbeddingTables(tf_keras.layers.Layer):
           initializer=FactorsAndBias(t.init_stddev, seed + i),
           optimizer=_tpu_optimizer(t) if on_tpu else None,
           combiner="sum", name=f"{t.feature}_table")
-      feature_config[t.feature] = tf.tpu.experimental.embedding.FeatureConfig(
-          table=table, name=t.feature)
+      # Extra hashes of a feature are extra features sharing its table.
+      for k in range(self._num_hashes[t.feature]):
+        name = _lookup_name(t.feature, k)
+        feature_config[name] = tf.tpu.experimental.embedding.FeatureConfig(
+            table=table, name=name)
       logging.info("Table %s_table: %d rows x %d (%d factors + bias), %.1f MB.",
                    t.feature, num_rows[t.feature], embedding_dim + 1,
                    embedding_dim,
@@ -224,11 +255,20 @@ class EmbeddingTables(tf_keras.layers.Layer):
       self._tpu_embedding.build(None)
     # Off TPU, per-table Keras optimizers update the plain table variables.
     self.optimizers = {t.feature: make_optimizer(
-        t.optimizer, t.learning_rate, t.initial_accumulator) for t in tables}
+        t.optimizer, t.learning_rate, t.initial_accumulator, lr_schedule,
+        total_steps) for t in tables}
 
-  def call(self, rows: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-    """Looks up `{feature: int32 rows [B]}` -> `{feature: [B, dim + 1]}`."""
-    return self._tpu_embedding({f: rows[f] for f in self._features})
+  def call(self, rows: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
+    """Looks up `{feature: [int32 rows [B]] * num_hashes}` -> `{feature: [B, d+1]}`.
+
+    A feature's rows from several hashes are summed.
+    """
+    looked_up = self._tpu_embedding({
+        _lookup_name(f, k): rows[f][k] for f in self._features
+        for k in range(self._num_hashes[f])})
+    return {f: tf.add_n([looked_up[_lookup_name(f, k)]
+                         for k in range(self._num_hashes[f])])
+            for f in self._features}
 
   def tables(self) -> Dict[str, tf.Variable]:
     """`{feature: table variable [rows, dim + 1]}`."""

@@ -43,9 +43,10 @@ class MatrixFactorization(tfrs.models.Model):
     config: The run's Config (data: ID columns and types; model: ID mode and
       tables; train: dense optimizer and seed).
     on_tpu: Whether built under a TPUStrategy.
+    total_steps: Steps of the run, for decaying learning-rate schedules.
   """
 
-  def __init__(self, config, on_tpu: bool = False):
+  def __init__(self, config, on_tpu: bool = False, total_steps: int = 0):
     super().__init__()
     data, model = config.data, config.model
     self.user_feature, self.item_feature = data.id_columns
@@ -55,7 +56,9 @@ class MatrixFactorization(tfrs.models.Model):
         for t in model.tables}
     self.embedding = embedding.EmbeddingTables(
         model.tables, {f: l.num_rows for f, l in self.lookups.items()},
-        model.embedding_dim, config.train.seed, on_tpu=on_tpu)
+        model.embedding_dim, config.train.seed, on_tpu=on_tpu,
+        num_hashes={f: l.num_hashes for f, l in self.lookups.items()},
+        lr_schedule=config.train.lr_schedule, total_steps=total_steps)
     self.l2 = {t.feature: t.l2 for t in model.tables}
     self.global_bias = self.add_weight(
         name="global_bias", shape=(), initializer="zeros", trainable=True)
@@ -70,6 +73,16 @@ class MatrixFactorization(tfrs.models.Model):
     """Raw IDs `{feature: [B]}` -> rows with bias slot `{feature: [B, d+1]}`."""
     rows = {f: lookup(features[f]) for f, lookup in self.lookups.items()}
     return self.embedding(rows)
+
+  def vectors(self, feature: str, ids: tf.Tensor) -> tf.Tensor:
+    """Rows of one feature for raw IDs: [N, dim + 1], last column the bias.
+
+    Reads the table variable directly (off TPU, or after training), so a
+    catalog can be scored without going through the training lookup path.
+    """
+    table = self.embedding.tables()[feature]
+    return tf.add_n([tf.gather(table, rows)
+                     for rows in self.lookups[feature](ids)])
 
   def score_logits(self, emb: Dict[str, tf.Tensor]) -> tf.Tensor:
     u, v = emb[self.user_feature], emb[self.item_feature]

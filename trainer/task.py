@@ -40,6 +40,9 @@ flags.DEFINE_enum("bad_rows", None, ["error", "skip"],
 flags.DEFINE_enum("id_mode", None, config_lib.ID_MODES,
                   "IDs to rows by hashing or by vocabulary lookup.")
 flags.DEFINE_integer("num_bins", None, "Hash buckets per table (hash mode).")
+flags.DEFINE_integer("num_hashes", None,
+                     "Hash mode: rows per ID (salted hashes, summed); 2 cuts "
+                     "collisions at the same memory.")
 flags.DEFINE_integer("user_num_bins", None, "Overrides --num_bins for users.")
 flags.DEFINE_integer("item_num_bins", None, "Overrides --num_bins for items.")
 flags.DEFINE_string("user_vocab", None, "User vocabulary file (vocab mode).")
@@ -66,6 +69,8 @@ flags.DEFINE_integer("steps_per_execution", None, "Steps per tf.function call.")
 flags.DEFINE_enum("optimizer", None, config_lib.OPTIMIZERS,
                   "Optimizer of the dense parameters.")
 flags.DEFINE_float("learning_rate", None, "Dense learning rate.")
+flags.DEFINE_enum("lr_schedule", None, config_lib.LR_SCHEDULES,
+                  "Learning-rate schedule of every optimizer.")
 flags.DEFINE_integer("seed", None, "Seed of shuffling, negatives, init.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Steps per checkpoint.")
 flags.DEFINE_integer("log_every_steps", None, "Steps per progress line.")
@@ -87,7 +92,8 @@ _SECTIONS = {
              "negative_catalog", "bad_rows"],
     "model": ["id_mode", "embedding_dim"],
     "train": ["batch_size", "eval_batch_size", "epochs", "train_steps",
-              "steps_per_execution", "optimizer", "learning_rate", "seed",
+              "steps_per_execution", "optimizer", "learning_rate",
+              "lr_schedule", "seed",
               "checkpoint_every_steps", "log_every_steps"],
     "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
                 "export_dir"],
@@ -96,6 +102,7 @@ _TABLE_FLAGS = {"embedding_optimizer": "optimizer",
                 "embedding_learning_rate": "learning_rate",
                 "initial_accumulator": "initial_accumulator", "l2": "l2",
                 "init_stddev": "init_stddev", "num_bins": "num_bins",
+                "num_hashes": "num_hashes",
                 "num_oov": "num_oov"}
 
 

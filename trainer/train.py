@@ -156,9 +156,11 @@ def train_and_evaluate(config) -> Dict[str, Any]:
                                                   model_dir, train_stats)
 
   with strategy.scope():
-    model = model_lib.MatrixFactorization(config, on_tpu=on_tpu)
-    model.compile(optimizer=embedding.make_optimizer(train.optimizer,
-                                                     train.learning_rate),
+    model = model_lib.MatrixFactorization(config, on_tpu=on_tpu,
+                                          total_steps=total_steps)
+    model.compile(optimizer=embedding.make_optimizer(
+        train.optimizer, train.learning_rate, schedule=train.lr_schedule,
+        total_steps=total_steps),
                   steps_per_execution=train.steps_per_execution)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=3)
@@ -243,6 +245,17 @@ def _evaluate(model, config, files, stats, on_tpu,
       tf.summary.scalar(k, v)
   writer.flush()
   return {k: round(float(v), 6) for k, v in results.items()}
+
+
+def load_model(model_dir: str) -> model_lib.MatrixFactorization:
+  """Rebuilds a run's model from its config.json and latest checkpoint."""
+  config = config_lib.load(os.path.join(model_dir, "config.json"))
+  if config is None:
+    raise FileNotFoundError(f"No config.json in {model_dir}.")
+  model = model_lib.MatrixFactorization(config)
+  tf.train.Checkpoint(model=model).restore(
+      tf.train.latest_checkpoint(model_dir)).expect_partial()
+  return model
 
 
 def _log_summary(summary: Dict[str, Any]) -> None:
