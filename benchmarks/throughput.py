@@ -260,7 +260,7 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples) -> dict:
   # (kind, optimizer, batch, examples): the tutorial's Keras Adam is slow,
   # so it trains on fewer examples; rates do not depend on the count.
   for kind, opt, batch, examples in (
-      ("tutorial", "adam", 16, tutorial_examples // 50),
+      ("tutorial", "adam", 16, tutorial_examples // 250),
       ("tutorial", "adam", 4096, tutorial_examples),
       ("ours", "adagrad", 4096, 8_000_000), ("ours", "sgd", 4096, 8_000_000),
       ("ours", "lazy_adam", 4096, 8_000_000),
