@@ -299,6 +299,9 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
         raise ValueError(f"{len(files)} files cannot feed {n} input pipelines;"
                          " write the data in at least that many shards.")
       files = files[input_context.input_pipeline_id::n]
+    logging.info("Input pipeline %d of %d: %d files, %d examples per replica"
+                 " batch.", input_context.input_pipeline_id + 1, n, len(files),
+                 batch_size)
 
   user, item = data.user_column, data.item_column
   reader = _reader(data, stats)

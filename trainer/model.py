@@ -64,7 +64,6 @@ class MatrixFactorization(tfrs.models.Model):
         name="global_bias", shape=(), initializer="zeros", trainable=True)
     self._config = config
     self.task = _ranking_task()
-    self.loss_tracker = tf_keras.metrics.Mean(name="loss")
 
   def get_config(self):
     return {"config": self._config.to_dict()}
@@ -101,7 +100,6 @@ class MatrixFactorization(tfrs.models.Model):
     # Keras losses average over the last axis: [B, 1] keeps one loss per row.
     per_example = self.task(labels[:, None], logits[:, None],
                             training=training, compute_metrics=not training)
-    self.loss_tracker.update_state(per_example)
     for feature, l2 in self.l2.items():
       if l2:  # Only the rows this batch uses are penalised.
         per_example += l2 * tf.reduce_sum(tf.square(emb[feature]), axis=1)
@@ -125,7 +123,10 @@ class MatrixFactorization(tfrs.models.Model):
     self.optimizer.apply_gradients(
         [(g, v.deref()) for v, g in grads.items()
          if v not in owned and g is not None])
-    return {"loss": self.loss_tracker.result()}
+    # Each replica returns its share of the global-batch mean loss; Keras sums
+    # the replicas' outputs (distribute_reduction_method="sum", set by the
+    # trainer), which gives the step's loss under every strategy.
+    return {"loss": loss}
 
   def test_step(self, inputs):
     self.compute_loss(inputs, training=False)

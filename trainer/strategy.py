@@ -1,7 +1,9 @@
 """The one place that knows whether the run is on CPU, GPU, several workers or TPU."""
 
-import tensorflow as tf
+import os
+
 from absl import logging
+import tensorflow as tf
 
 
 def make_strategy(runtime) -> tf.distribute.Strategy:
@@ -52,3 +54,21 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
 def is_tpu(strategy: tf.distribute.Strategy) -> bool:
   return isinstance(strategy, (tf.distribute.TPUStrategy,
                                tf.distribute.experimental.TPUStrategy))
+
+
+def worker_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
+  """Where this worker writes: model_dir on the chief, a private dir elsewhere.
+
+  Under MultiWorkerMirroredStrategy every worker must take part in saving a
+  checkpoint (the variables are synchronised by collectives), but only the
+  chief's copy is kept; the others write to a folder of their own.
+  """
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return model_dir
+  task_type, task_id = resolver.task_type, resolver.task_id
+  spec = resolver.cluster_spec().as_dict()
+  chief = (task_type == "chief" or
+           (task_type == "worker" and task_id == 0 and "chief" not in spec))
+  return model_dir if chief else os.path.join(
+      model_dir, "workers", f"{task_type}-{task_id}")

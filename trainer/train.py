@@ -132,10 +132,19 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   """
   config_lib.validate(config)
   data, train, runtime = config.data, config.train, config.runtime
+  # The strategy comes first: it sets up devices and collectives.
+  strategy = strategy_lib.make_strategy(runtime)
+  on_tpu = strategy_lib.is_tpu(strategy)
   model_dir = runtime.model_dir
-  tf.io.gfile.makedirs(model_dir)
+  # Every worker writes (checkpoints need all of them); only the chief's
+  # files land in model_dir.
+  write_dir = strategy_lib.worker_dir(strategy, model_dir)
+  export_dir = runtime.export_dir
+  if export_dir and write_dir != model_dir:
+    export_dir = os.path.join(write_dir, "export")
+  tf.io.gfile.makedirs(write_dir)
   _check_same_run(model_dir, config)
-  with tf.io.gfile.GFile(os.path.join(model_dir, "config.json"), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(write_dir, "config.json"), "w") as f:
     f.write(config.to_json())
 
   train_files = csv_dataset.resolve_files(data.train_files)
@@ -146,14 +155,12 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   if eval_files:
     logging.info("Evaluation files: %d.", len(eval_files))
 
-  strategy = strategy_lib.make_strategy(runtime)
-  on_tpu = strategy_lib.is_tpu(strategy)
   train_stats, eval_stats = csv_dataset.RowStats(), csv_dataset.RowStats()
   if train.train_steps:
     total_steps = train.train_steps
   else:
     total_steps = train.epochs * _steps_per_epoch(config, train_files,
-                                                  model_dir, train_stats)
+                                                  write_dir, train_stats)
 
   with strategy.scope():
     model = model_lib.MatrixFactorization(config, on_tpu=on_tpu,
@@ -162,14 +169,18 @@ def train_and_evaluate(config) -> Dict[str, Any]:
         train.optimizer, train.learning_rate, schedule=train.lr_schedule,
         total_steps=total_steps),
                   steps_per_execution=train.steps_per_execution)
+    # Sum, not Keras' TPU default "first": train_step returns each replica's
+    # share of the loss.
+    model.distribute_reduction_method = "sum"
   checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-  manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=3)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint)
+  manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=3)
+  latest = tf.train.latest_checkpoint(model_dir)  # The chief's, for everyone.
+  if latest:
+    checkpoint.restore(latest)
   start_step = int(model.optimizer.iterations.numpy())
   if start_step:
-    logging.info("Resumed from %s at step %d of %d.", manager.latest_checkpoint,
-                 start_step, total_steps)
+    logging.info("Resumed from %s at step %d of %d.", latest, start_step,
+                 total_steps)
   else:
     logging.info("Training from scratch for %d steps of %d examples.",
                  total_steps, train.batch_size)
@@ -184,7 +195,7 @@ def train_and_evaluate(config) -> Dict[str, Any]:
           negative_catalog=data.negative_catalog or vocab))
   progress = _Progress(start_step, total_steps, train.batch_size,
                        train.log_every_steps, train.checkpoint_every_steps,
-                       manager, model_dir)
+                       manager, write_dir)
   t0 = time.time()
   try:
     if start_step < total_steps:
@@ -201,7 +212,7 @@ def train_and_evaluate(config) -> Dict[str, Any]:
     if eval_files:
       summary["eval"] = _evaluate(model, config, eval_files,
                                   eval_stats, on_tpu,
-                                  data.negative_catalog or vocab)
+                                  data.negative_catalog or vocab, write_dir)
       summary["eval_rows"] = eval_stats.rows
       summary["eval_rows_skipped"] = eval_stats.skipped
   except tf.errors.OpError as e:
@@ -211,19 +222,21 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   if skipped:
     logging.warning("Skipped %d malformed rows: %s", sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
-  if runtime.export_dir:
-    tf.io.gfile.makedirs(runtime.export_dir)
-    export.export_saved_model(model, data, runtime.export_dir)
-    export.export_tables(model, runtime.export_dir)
+  if export_dir:
+    tf.io.gfile.makedirs(export_dir)
+    export.export_saved_model(model, data, export_dir)
+    export.export_tables(model, export_dir)
     summary["export_dir"] = runtime.export_dir
-  with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(write_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  if write_dir != model_dir:
+    tf.io.gfile.rmtree(write_dir)  # Only the chief's outputs are kept.
   _log_summary(summary)
   return summary
 
 
-def _evaluate(model, config, files, stats, on_tpu,
-              negative_catalog: str) -> Dict[str, float]:
+def _evaluate(model, config, files, stats, on_tpu, negative_catalog: str,
+              write_dir: str) -> Dict[str, float]:
   """Evaluates on every held-out row, one step per execution.
 
   In implicit mode each held-out positive gets the same number of random
@@ -238,8 +251,7 @@ def _evaluate(model, config, files, stats, on_tpu,
       seed=config.train.seed + 1, drop_remainder=on_tpu, stats=stats,
       negative_catalog=negative_catalog)
   results = model.evaluate(eval_ds, return_dict=True, verbose=0)
-  writer = tf.summary.create_file_writer(
-      os.path.join(config.runtime.model_dir, "eval"))
+  writer = tf.summary.create_file_writer(os.path.join(write_dir, "eval"))
   with writer.as_default(step=int(model.optimizer.iterations.numpy())):
     for k, v in results.items():
       tf.summary.scalar(k, v)
