@@ -1,0 +1,178 @@
+"""MovieLens ratings -> headerless gzipped CSV shards `user_id,item_id,rating,timestamp`.
+
+  python -m input.movielens --format=ml-100k --src=path/ml-100k --dst=data/ml100k \
+      [--num_shards=4] [--split=none|leave_last_out]
+
+ml-100k reads u.data, ml-1m ratings.dat, ml-latest (also ml-latest-small,
+ml-20m, ml-25m) ratings.csv. With --split=leave_last_out each user's latest
+interaction goes to test-*, the one before to validation-*, the rest to
+train-*; otherwise everything goes to ratings-*. DST/dataset.json records
+counts and files. MovieLens is GroupLens' data: research use, acknowledge it.
+"""
+
+import json
+import os
+import time
+from typing import Dict
+
+from absl import app, flags, logging
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import tensorflow as tf
+
+COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+FORMATS = {
+    # format: (file, delimiter, header)
+    "ml-100k": ("u.data", "\t", False),
+    "ml-1m": ("ratings.dat", "::", False),
+    "ml-latest": ("ratings.csv", ",", True),
+}
+TRAIN, VALIDATION, TEST = 0, 1, 2
+_SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
+
+
+def read_ratings(fmt: str, src: str) -> pa.Table:
+  """Reads a MovieLens ratings file into columns COLUMNS, in file order.
+
+  Raises:
+    ValueError: For an unknown format.
+    FileNotFoundError: If the ratings file is not where the format keeps it.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"Unknown format {fmt!r}; use one of {sorted(FORMATS)}.")
+  name, delimiter, header = FORMATS[fmt]
+  path = os.path.join(src, name)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{fmt} keeps its ratings in {path}, which does "
+                            "not exist.")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    raw = f.read()
+  if len(delimiter) > 1:  # pyarrow takes one-character delimiters.
+    raw = raw.replace(delimiter.encode(), b"\t")
+    delimiter = "\t"
+  types = {"user_id": pa.int64(), "item_id": pa.int64(),
+           "rating": pa.string(), "timestamp": pa.int64()}
+  return pcsv.read_csv(
+      pa.py_buffer(raw),
+      read_options=pcsv.ReadOptions(column_names=COLUMNS,
+                                    skip_rows=1 if header else 0),
+      parse_options=pcsv.ParseOptions(delimiter=delimiter),
+      # Ratings stay as written (4, 3.5) so the shards round-trip the source.
+      convert_options=pcsv.ConvertOptions(column_types=types))
+
+
+def leave_last_out(user_ids: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+  """Per-row split codes: each user's latest row TEST, the one before VALIDATION.
+
+  Rows are ordered by timestamp within a user; equal timestamps keep file
+  order (the later row counts as later). Users with fewer than 3 rows keep
+  all of them in TRAIN, so every evaluated user has training history.
+
+  Args:
+    user_ids: [N] user of each row.
+    timestamps: [N] time of each row.
+
+  Returns:
+    int8 [N] with TRAIN (0), VALIDATION (1) or TEST (2).
+  """
+  n = len(user_ids)
+  order = np.lexsort((np.arange(n), timestamps, user_ids))
+  users = user_ids[order]
+  last = np.r_[users[1:] != users[:-1], True]  # Last row of each user.
+  second = np.r_[last[1:], False] & ~last
+  counts = np.bincount(np.unique(users, return_inverse=True)[1])
+  big = np.repeat(counts >= 3, counts)
+  codes = np.full(n, TRAIN, np.int8)
+  codes[order[last & big]] = TEST
+  codes[order[second & big]] = VALIDATION
+  return codes
+
+
+def _write(table: pa.Table, prefix: str, num_shards: int) -> list:
+  """Writes contiguous row ranges of `table` as PREFIX-0000i-of-0000N.csv.gz."""
+  bounds = np.linspace(0, table.num_rows, num_shards + 1).astype(int)
+  paths = []
+  for i in range(num_shards):
+    path = f"{prefix}-{i:05d}-of-{num_shards:05d}.csv.gz"
+    part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
+    buffer = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(buffer, "gzip") as out:
+      pcsv.write_csv(part, out, pcsv.WriteOptions(include_header=False,
+                                                  quoting_style="none"))
+    with tf.io.gfile.GFile(path, "wb") as f:
+      f.write(buffer.getvalue().to_pybytes())
+    paths.append(path)
+  return paths
+
+
+def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
+            split: str = "none") -> Dict:
+  """Converts a MovieLens download into gz CSV shards; returns dataset.json.
+
+  Args:
+    fmt: "ml-100k", "ml-1m" or "ml-latest".
+    src: Folder of the unpacked download.
+    dst: Output folder (local or gs://).
+    num_shards: Shards of the training (or whole) set.
+    split: "none" or "leave_last_out".
+  """
+  if split not in ("none", "leave_last_out"):
+    raise ValueError("--split must be none or leave_last_out.")
+  t0 = time.time()
+  table = read_ratings(fmt, src)
+  users = table.column("user_id").to_numpy()
+  logging.info("Read %d ratings of %d users and %d items from %s (%.1fs).",
+               table.num_rows, len(np.unique(users)),
+               len(np.unique(table.column("item_id").to_numpy())), src,
+               time.time() - t0)
+  tf.io.gfile.makedirs(dst)
+  splits = {}
+  if split == "none":
+    parts = {"ratings": (table, num_shards)}
+  else:
+    codes = leave_last_out(users, table.column("timestamp").to_numpy())
+    small = len(np.unique(users)) - int((codes == TEST).sum())
+    if small:
+      logging.info("%d users have fewer than 3 ratings: all kept in train.",
+                   small)
+    parts = {_SPLIT_NAMES[c]: (table.filter(pa.array(codes == c)),
+                               num_shards if c == TRAIN else 1)
+             for c in (TRAIN, VALIDATION, TEST)}
+  for name, (part, shards) in parts.items():
+    paths = _write(part, os.path.join(dst, name), shards)
+    splits[name] = {"rows": part.num_rows,
+                    "files": [os.path.basename(p) for p in paths]}
+    logging.info("%s: %d rows in %d shards.", name, part.num_rows, shards)
+  info = {"format": fmt, "source": src, "columns": COLUMNS,
+          "num_users": int(len(np.unique(users))),
+          "num_items": int(len(np.unique(table.column("item_id").to_numpy()))),
+          "num_rows": table.num_rows, "split": split, "splits": splits}
+  with tf.io.gfile.GFile(os.path.join(dst, "dataset.json"), "w") as f:
+    json.dump(info, f, indent=2)
+  logging.info("Wrote %s in %.1fs.", dst, time.time() - t0)
+  return info
+
+
+def main(argv, args):
+  del argv
+  fmt = args["format"].value
+  fmt = "ml-latest" if fmt.startswith(("ml-latest", "ml-20m", "ml-25m")) else fmt
+  convert(fmt, args["src"].value, args["dst"].value,
+          args["num_shards"].value, args["split"].value)
+
+
+if __name__ == "__main__":
+  # Flags exist only when this runs as a program.
+  _args = {
+      "format": flags.DEFINE_string(
+          "format", None, "ml-100k, ml-1m or ml-latest (ml-latest-small, "
+          "ml-20m and ml-25m share ml-latest's format).", required=True),
+      "src": flags.DEFINE_string("src", None, "Unpacked download.",
+                                 required=True),
+      "dst": flags.DEFINE_string("dst", None, "Output folder.", required=True),
+      "num_shards": flags.DEFINE_integer("num_shards", 4, "Training shards."),
+      "split": flags.DEFINE_enum("split", "none", ["none", "leave_last_out"],
+                                 "Hold out each user's last two ratings."),
+  }
+  app.run(lambda argv: main(argv, _args))
