@@ -26,11 +26,13 @@ setuptools.setup(
         "bench": [
             "implicit==0.7.3",
             "scipy==1.17.1",
+            "matplotlib==3.11.2",
         ],
         "test": [
             "pytest==9.2.0",
             "implicit==0.7.3",
             "scipy==1.17.1",
+            "matplotlib==3.11.2",
         ],
     },
 )

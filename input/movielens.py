@@ -121,11 +121,34 @@ def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
     raise ValueError("--split must be none or leave_last_out.")
   t0 = time.time()
   table = read_ratings(fmt, src)
-  users = table.column("user_id").to_numpy()
-  logging.info("Read %d ratings of %d users and %d items from %s (%.1fs).",
-               table.num_rows, len(np.unique(users)),
-               len(np.unique(table.column("item_id").to_numpy())), src,
+  logging.info("Read %d ratings from %s (%.1fs).", table.num_rows, src,
                time.time() - t0)
+  return write_splits(table, dst, num_shards, split,
+                      {"format": fmt, "source": src})
+
+
+def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
+                 split: str = "none", info: Dict = None) -> Dict:
+  """Writes an interaction table (columns COLUMNS) as gz CSV shards.
+
+  Args:
+    table: Rows with COLUMNS, in log order.
+    dst: Output folder (local or gs://).
+    num_shards: Shards of the training (or whole) set.
+    split: "none" (everything in ratings-*) or "leave_last_out" (train-*,
+      validation-*, test-*; see leave_last_out).
+    info: Extra entries for dataset.json (e.g. the source).
+
+  Returns:
+    The contents of dst/dataset.json.
+  """
+  if split not in ("none", "leave_last_out"):
+    raise ValueError("--split must be none or leave_last_out.")
+  t0 = time.time()
+  users = table.column("user_id").to_numpy()
+  logging.info("%d interactions of %d users and %d items.", table.num_rows,
+               len(np.unique(users)),
+               len(np.unique(table.column("item_id").to_numpy())))
   tf.io.gfile.makedirs(dst)
   splits = {}
   if split == "none":
@@ -144,7 +167,7 @@ def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
     splits[name] = {"rows": part.num_rows,
                     "files": [os.path.basename(p) for p in paths]}
     logging.info("%s: %d rows in %d shards.", name, part.num_rows, shards)
-  info = {"format": fmt, "source": src, "columns": COLUMNS,
+  info = {**(info or {}), "columns": COLUMNS,
           "num_users": int(len(np.unique(users))),
           "num_items": int(len(np.unique(table.column("item_id").to_numpy()))),
           "num_rows": table.num_rows, "split": split, "splits": splits}
