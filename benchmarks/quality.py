@@ -66,7 +66,7 @@ def _tune(name, make, grid, val) -> Any:
 
 
 def run(data: str, out: str, seeds: int = 3, id_modes=("vocab", "hash"),
-        bins_multiple: int = 8, mf_params: Dict[str, Any] = None,
+        bins_multiple: int = 16, mf_params: Dict[str, Any] = None,
         sampled: bool = True) -> Dict[str, Any]:
   """Runs the whole benchmark; returns (and writes) the results dict."""
   os.makedirs(out, exist_ok=True)
@@ -169,7 +169,7 @@ def _define_flags():
       "id_modes": flags.DEFINE_list("id_modes", ["vocab", "hash"],
                                     "MF ID modes."),
       "bins_multiple": flags.DEFINE_integer(
-          "bins_multiple", 8, "Hash mode: num_bins per table = this times its "
+          "bins_multiple", 16, "Hash mode: num_bins per table = this times its "
           "distinct IDs, rounded up to a power of two."),
       "mf_params": flags.DEFINE_string(
           "mf_params", "{}", "JSON overrides of protocol.MF_DEFAULTS."),
