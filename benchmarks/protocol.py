@@ -20,6 +20,7 @@ with its log kept beside its model_dir; the scores come from its checkpoint.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -241,13 +242,26 @@ def mf_flags(split: Split, params: Dict[str, Any], id_mode: str,
 def run_trainer(flags: Sequence[str], model_dir: str) -> Dict[str, Any]:
   """Runs `python -m trainer.task` (reusing a finished run); returns metrics.json.
 
-  The log goes to model_dir/train.log; a failed run raises with its tail.
+  A finished run in model_dir is reused only if it was made with the same
+  flags (kept in model_dir/benchmark_flags.json); a run with other flags, or
+  an unfinished one, is deleted and trained afresh. The log goes to
+  model_dir/train.log; a failed run raises with its tail.
   """
   metrics_path = os.path.join(model_dir, "metrics.json")
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      return json.load(f)
-  os.makedirs(model_dir, exist_ok=True)
+  flags_path = os.path.join(model_dir, "benchmark_flags.json")
+  if os.path.exists(metrics_path) and os.path.exists(flags_path):
+    with open(flags_path) as f:
+      same = json.load(f) == list(flags)
+    if same:
+      with open(metrics_path) as f:
+        return json.load(f)
+  if os.path.exists(model_dir):
+    logging.info("Discarding %s: trained with other flags or unfinished.",
+                 model_dir)
+    shutil.rmtree(model_dir)
+  os.makedirs(model_dir)
+  with open(flags_path, "w") as f:
+    json.dump(list(flags), f, indent=1)
   log_path = os.path.join(model_dir, "train.log")
   start = time.time()
   with open(log_path, "w") as log:

@@ -69,6 +69,23 @@ class ProtocolTest(tf.test.TestCase):
     self.assertEqual(quality.hash_bins(1024, 1), 1024)
 
 
+  def test_finished_runs_are_reused_only_with_the_same_flags(self):
+    run_dir = os.path.join(self.get_temp_dir(), "run")
+    os.makedirs(run_dir)
+    flags = ["--no_such_flag=1"]  # trainer.task would exit 1 on it.
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+      json.dump({"train_seconds": 7.0}, f)
+    with open(os.path.join(run_dir, "benchmark_flags.json"), "w") as f:
+      json.dump(flags, f)
+    # Same flags: the finished run is returned, the trainer never started.
+    self.assertEqual(protocol.run_trainer(flags, run_dir),
+                     {"train_seconds": 7.0})
+    # Other flags: the old run is discarded and the trainer really runs.
+    with self.assertRaisesRegex(RuntimeError, "exited 1"):
+      protocol.run_trainer(flags + ["--seed=2"], run_dir)
+    self.assertFalse(os.path.exists(os.path.join(run_dir, "metrics.json")))
+
+
 class CollisionAndBytesTest(tf.test.TestCase):
 
   def _model(self, id_mode, **table):
