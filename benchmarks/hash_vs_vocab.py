@@ -105,11 +105,15 @@ def run(data: str, out: str, seeds: int = 3, multiples=None, min_counts=None,
   return _write(out, data, split, models, multiples, partial=False)
 
 
-def _hash2_vs_hash(models, multiples) -> Dict[str, float]:
-  return {f"{m}x": models[f"hash2_{m}x"]["ndcg@10"] /
-          max(models[f"hash_{m}x"]["ndcg@10"], 1e-12)
-          for m in multiples
-          if f"hash2_{m}x" in models and f"hash_{m}x" in models}
+def _hash2_vs_hash(models, multiples) -> Dict[str, Any]:
+  """NDCG@10 of hash2 over hash per multiple; None where hash scored 0."""
+  out = {}
+  for m in multiples:
+    if f"hash2_{m}x" in models and f"hash_{m}x" in models:
+      base = models[f"hash_{m}x"]["ndcg@10"]
+      out[f"{m}x"] = (models[f"hash2_{m}x"]["ndcg@10"] / base if base > 0
+                      else None)
+  return out
 
 
 def _write(out, data, split, models, multiples, partial) -> Dict[str, Any]:
@@ -150,7 +154,8 @@ def markdown(results: Dict[str, Any]) -> str:
   ratios = results["hash2_over_hash_ndcg@10"]
   if ratios:
     lines += ["", "NDCG@10 of hash2 / hash at equal bytes: " + ", ".join(
-        f"{k} {v:.2f}" for k, v in ratios.items())]
+        f"{k} {v:.2f}" if v is not None else f"{k} n/a (hash 0)"
+        for k, v in ratios.items())]
   return "\n".join(lines) + "\n"
 
 

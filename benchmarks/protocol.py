@@ -35,10 +35,13 @@ from input import movielens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = movielens.COLUMNS
-# Synthetic log: input.synthetic's planted model (Zipf item popularity, 8
-# latent factors); its positives are the interactions, ~15 per user, about
-# the size of ML-100K.
-SYNTHETIC = dict(num_rows=150_000, num_users=5_000, num_items=1_000, seed=0)
+# Synthetic log: input.synthetic's planted model (8 latent factors); its
+# positives are the interactions. With the demo's settings (Zipf 1.0
+# popularity, sharpness 10) popularity alone ranks the held-out item as well
+# as any model (NDCG@10 0.311 against MF's 0.315), so the benchmarks use
+# flatter popularity and a sharper personal affinity.
+SYNTHETIC = dict(num_rows=150_000, num_users=5_000, num_items=1_000,
+                 zipf=0.5, sharpness=20.0, seed=0)
 SAMPLED_NEGATIVES = 99
 
 

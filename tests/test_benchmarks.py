@@ -25,9 +25,9 @@ _ROWS = [(1, 10, 1), (1, 11, 2), (1, 12, 3), (1, 13, 4),
 def _small_synthetic(monkeypatch_target):
   """Makes 'synthetic' a small planted log (1,000 users, 200 items).
 
-  Flatter popularity and sharper affinity than the default log, so that
-  which items a user keeps is mostly personal and popularity alone ranks
-  them poorly.
+  Like the benchmarks' log, flat popularity and a sharp affinity: which
+  items a user keeps is mostly personal, and popularity alone ranks them
+  poorly.
   """
   monkeypatch_target.SYNTHETIC = dict(num_rows=40_000, num_users=1_000,
                                       num_items=200, zipf=0.5, sharpness=20.0,
