@@ -1,4 +1,4 @@
-"""Model quality on leave-last-out: classical baselines and the trainer's MF, one run.
+r"""Model quality on leave-last-out: classical baselines and the trainer's MF, one run.
 
   python -m benchmarks.quality --data=../shared/data/ml-100k --out=work/quality \
       [--seeds=3] [--id_modes=vocab,hash]

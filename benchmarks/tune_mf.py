@@ -1,4 +1,4 @@
-"""Tunes the trainer's MF on the validation item: a coordinate search.
+r"""Tunes the trainer's MF on the validation item: a coordinate search.
 
   python -m benchmarks.tune_mf --data=../shared/data/ml-100k --out=work/tune \
       [--id_mode=vocab] [--space='{"l2": [0, 1e-5, 1e-4], "epochs": [10, 20]}']
