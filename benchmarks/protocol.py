@@ -139,24 +139,30 @@ def build_vocab(files: Sequence[str], out_dir: str, min_count: int = 1) -> Dict:
                      min_count=min_count)
 
 
-def prepare(data: str, out_dir: str) -> Dict[str, Split]:
+def prepare(data: str, out_dir: str, order: str = "shuffled") -> Dict[str, Split]:
   """Writes the leave-last-out shards and vocabularies; returns both splits.
 
   Args:
     data: An unpacked MovieLens folder, or "synthetic".
-    out_dir: Where data/ and vocab-<split>/ go (reused if present).
+    out_dir: Where data/ (data-<order>/ for another order) and vocab-<split>/
+      go (reused if present).
+    order: Row order of the shards (input.movielens.ORDERS).
 
   Returns:
     {"validation": Split, "test": Split}.
   """
-  folder = os.path.join(out_dir, "data")
-  if not os.path.exists(os.path.join(folder, "dataset.json")):
+  folder = os.path.join(out_dir,
+                        "data" if order == "shuffled" else f"data-{order}")
+  if _written_order(folder) != order:
+    if os.path.exists(folder):
+      shutil.rmtree(folder)
     if data == "synthetic":
       movielens.write_splits(_synthetic_table(), folder, 4, "leave_last_out",
-                             {"format": "synthetic", "source": SYNTHETIC})
+                             {"format": "synthetic", "source": SYNTHETIC},
+                             order=order)
     else:
       movielens.convert(_detect_format(data), data, folder, 4,
-                        "leave_last_out")
+                        "leave_last_out", order=order)
   files = {p: _glob(folder, p) for p in ("train", "validation", "test")}
   rows = {p: _read(f) for p, f in files.items()}
   user_ids = np.unique(np.concatenate([r["user_id"] for r in rows.values()]))
@@ -182,6 +188,15 @@ def prepare(data: str, out_dir: str) -> Dict[str, Split]:
                  len(splits[name].eval_items),
                  int((splits[name].eval_items < 0).sum()))
   return splits
+
+
+def _written_order(folder: str) -> Optional[str]:
+  """The row order of the shards in folder; None if absent or unknown."""
+  path = os.path.join(folder, "dataset.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("order")
 
 
 def index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -1,13 +1,31 @@
 """tf.data pipeline: gzipped CSV shards (local or gs://) -> (features, labels) batches.
 
-Each shard is read by a Python generator that streams it through ISA-L's
-inflate (zlib-compatible, about twice as fast as zlib) and parses
-whole blocks of rows with pyarrow's CSV reader; both release the GIL, so shards
-interleaved in parallel use every core, and a bad row or a truncated shard is
-reported with the file's name. The rest (labels, negatives, shuffling,
-rebatching) is tf.data graph code. Nothing here knows about the model.
+How one input pipeline turns its shards into batches:
+
+1. Read: `files_in_flight` files at once, a small block (`block_bytes` of
+   gzip) at a time, in a fixed round-robin order. Blocks are inflated by ISA-L
+   and parsed by pyarrow on a thread pool; both release the GIL. A bad row or a
+   truncated shard is reported with the file's name and line.
+2. Mix (training): rows pass through a buffer of `shuffle_buffer_rows` rows.
+   Once it is full, each incoming row takes the slot of one row sent on, the
+   slots visited in a fresh random permutation per turn of the buffer. A row
+   waits at most two turns, and when one pass over the data fits in the buffer
+   each turn sends on exactly one pass in random order (a full shuffle).
+3. Batch: with k negatives per positive, every batch is exactly B // (1 + k)
+   positives, each followed by its k negatives: whatever the order on disk,
+   every batch has the same share of positives, in training and evaluation.
+   Negatives are uniform over the catalog (or, without one, over the distinct
+   items in the mixing buffer), from a generator keyed by (seed, pipeline,
+   chunk), so a stream is replayed exactly and a resumed run skips batches
+   without drawing their negatives.
+
+Nothing here knows about the model.
 """
 
+import concurrent.futures
+import dataclasses
+import itertools
+import os
 import re
 import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -19,7 +37,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import tensorflow as tf
-
 _ARROW_TYPES = {"int64": pa.int64(), "float32": pa.float32(),
                 "string": pa.string()}
 _TF_TYPES = {"int64": tf.int64, "float32": tf.float32, "string": tf.string}
@@ -153,9 +170,10 @@ class ShardReader:
     self._block_bytes = block_bytes
     self._stats = stats
 
-  def output_signature(self) -> Tuple[tf.TensorSpec, ...]:
-    return tuple(tf.TensorSpec([None], _TF_TYPES[self._types[c]])
-                 for c in self._wanted)
+  @property
+  def wanted(self) -> List[str]:
+    """The columns each block holds, in order."""
+    return list(self._wanted)
 
   def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
     """Yields one tuple of column arrays per block of `path`."""
@@ -193,11 +211,13 @@ class ShardReader:
       return "skip" if self._skip else "error"
 
     def where(row) -> str:
-      line = lines_before + row.number if row.number and row.number > 0 else "?"
+      line = (lines_before + _line_of(text, row.number)
+              if row.number and row.number > 0 else "?")
       return (f"{path}: line {line}: expected {row.expected_columns} fields, "
               f"found {row.actual_columns}: {row.text[:200]!r}")
 
-    # Numbers are read as text first only when a bad one must be skipped.
+    # Numbers are read as text only when one is bad: to skip its row, or to
+    # say which line it is on.
     types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
     try:
       table = self._read_csv(text, types, on_invalid_row)
@@ -206,19 +226,21 @@ class ShardReader:
       if bad_shape and not self._skip:
         raise InputDataError(where(bad_shape[-1]) + ". Fix the row or run "
                              "with --bad_rows=skip.") from None
-      if not self._skip:
-        raise InputDataError(
-            f"{path}: malformed row in the block after line {lines_before}: "
-            f"{_short(e)}. Fix the row or run with --bad_rows=skip.") from None
-    # Skip mode with a value that is not a number: find and drop those rows.
+      error = _short(e)
     bad_shape.clear()
     table = self._read_csv(text, {c: pa.string() for c in self._wanted},
                            on_invalid_row)
-    ok = None
+    ok = pa.array(np.ones(table.num_rows, bool))
     for c in self._wanted:
       if self._types[c] in _NUMBER_RE:
-        good = pc.match_substring_regex(table.column(c), _NUMBER_RE[self._types[c]])
-        ok = good if ok is None else pc.and_(ok, good)
+        good = pc.match_substring_regex(table.column(c),
+                                        _NUMBER_RE[self._types[c]])
+        ok = pc.and_(ok, good)
+    if not self._skip:
+      first_bad = int(np.argmin(ok.to_numpy(zero_copy_only=False)))
+      raise InputDataError(
+          f"{path}: line {lines_before + _line_of(text, first_bad + 1)}: "
+          f"{error}. Fix the row or run with --bad_rows=skip.")
     bad_values = table.num_rows - pc.sum(ok).as_py()
     table = table.filter(ok)
     table = pa.table({c: table.column(c).cast(types[c]) for c in self._wanted})
@@ -237,46 +259,339 @@ class ShardReader:
             null_values=[], strings_can_be_null=False))
 
 
+def _line_of(text: bytes, number: int) -> int:
+  """Line (from 1) of the `number`-th row of `text`; the parser skips empty lines."""
+  seen = 0
+  for line_no, line in enumerate(text.split(b"\n"), 1):
+    if line not in (b"", b"\r"):
+      seen += 1
+      if seen == number:
+        return line_no
+  return number
+
+
 def _short(e: Exception) -> str:
   return re.sub(r"\s+", " ", str(e))[:300]
 
 
 def _load_catalog(path: str, dtype: str) -> np.ndarray:
+  """Item IDs of a catalog file (one per line), as the reader parses them."""
   with tf.io.gfile.GFile(path, "rb") as f:
     ids = [line.rstrip(b"\r\n") for line in f if line.strip()]
   if dtype == "int64":
     return np.array([int(x) for x in ids], dtype=np.int64)
-  return np.array(ids, dtype=object)
+  return np.array([x.decode() for x in ids], dtype=object)
 
 
-def _reader(data, stats: RowStats) -> ShardReader:
-  """A reader of the columns a DataConfig uses: user, item and maybe label."""
+def _reader(data, stats: RowStats, extra: Sequence[str] = ()) -> ShardReader:
+  """A reader of the columns a DataConfig uses: user, item, maybe label."""
   wanted = [data.user_column, data.item_column]
   if data.label_mode != "implicit":
     wanted.append(data.label_column)
+  wanted += [c for c in extra if c not in wanted]
   return ShardReader(data.columns, data.column_types, wanted, data.delimiter,
                      data.header, data.bad_rows, data.block_bytes, stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """What one replica's batch is made of.
+
+  Attributes:
+    rows: Rows of the log per batch (the positives, with negatives).
+    group: Examples per row: the row itself and its negatives (1 + k).
+  """
+  rows: int
+  group: int
+
+  @property
+  def examples(self) -> int:
+    return self.rows * self.group
+
+
+def batch_layout(data, per_replica_batch: int) -> BatchLayout:
+  """Splits a replica's batch into rows and their negatives.
+
+  Args:
+    data: A DataConfig (num_negatives).
+    per_replica_batch: Examples per replica batch asked for; with k negatives
+      it is rounded down to a multiple of 1 + k.
+
+  Returns:
+    The layout.
+
+  Raises:
+    ValueError: If the batch cannot hold one positive and its negatives.
+  """
+  group = 1 + data.num_negatives
+  if per_replica_batch < group:
+    raise ValueError(
+        f"A replica's batch of {per_replica_batch} examples cannot hold one "
+        f"positive and its {data.num_negatives} negatives; raise --batch_size.")
+  return BatchLayout(per_replica_batch // group, group)
+
+
+def _labelled(data, path: str, cols) -> Tuple[np.ndarray, ...]:
+  """(user, item, label float32) of a parsed block."""
+  user, item = cols[0], cols[1]
+  if data.label_mode == "implicit":
+    return user, item, np.ones(len(user), np.float32)
+  value = cols[2]
+  if data.label_mode == "threshold":
+    return user, item, (value >= data.label_threshold).astype(np.float32)
+  if len(value) and (value.min() < 0 or value.max() > 1):
+    raise InputDataError(
+        f"{path}: label column {data.label_column!r} must hold 0/1 values, "
+        f"found {value.max() if value.max() > 1 else value.min()}; use "
+        "--label_mode=threshold for ratings.")
+  return user, item, value.astype(np.float32)
+
+
+def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
+                 pool: concurrent.futures.Executor) -> Iterator[Tuple[str, tuple]]:
+  """(path, block) of `paths`, `width` files at a time, block by block.
+
+  The order depends only on the files' contents, never on the threads'
+  timing: file after file in `paths` order takes a free slot, and slots are
+  visited in turn. Each file's next block is parsed ahead on `pool`.
+  """
+  queue = iter(paths)
+
+  def start(path):
+    blocks = reader.read(path)
+    return [path, blocks, pool.submit(next, blocks, None)]
+
+  active = [start(p) for p in itertools.islice(queue, width)]
+  i = 0
+  while active:
+    i %= len(active)
+    path, blocks, pending = active[i]
+    block = pending.result()
+    if block is None:  # The file is done: the next one takes its slot.
+      following = next(queue, None)
+      if following is None:
+        del active[i]
+        continue
+      active[i] = start(following)
+    else:
+      active[i][2] = pool.submit(next, blocks, None)
+      yield path, block
+    i += 1
+
+
+class _Mixer:
+  """Sends rows on in random order through a buffer of `capacity` rows.
+
+  While the buffer fills nothing comes out. Then each incoming row takes the
+  slot of the row it sends on; slots are visited in a fresh random
+  permutation per turn of the buffer, so a row waits at most two turns, and
+  when the buffer holds one whole pass over the data (see `seal`), each turn
+  sends on exactly one pass, in random order.
+  """
+
+  def __init__(self, capacity: int, rng: np.random.Generator):
+    self.capacity = capacity
+    self._rng = rng
+    self._buf: Optional[List[np.ndarray]] = None
+    self._fill = 0
+    self._perm = np.zeros(0, np.int64)
+    self._pos = 0
+    self.turns = 0
+    self._pool_turn = -1
+    self._pool = None
+
+  def seal(self) -> None:
+    """Ends filling: the buffer keeps just the rows it holds (one whole pass)."""
+    if self._fill < self.capacity and self._buf is not None:
+      self.capacity = self._fill
+
+  def push(self, cols: Tuple[np.ndarray, ...]) -> List[Tuple[np.ndarray, ...]]:
+    """Takes a block of rows; returns the (possibly empty) rows sent on."""
+    n = len(cols[0])
+    if self._buf is None:
+      self._buf = [np.empty(self.capacity, c.dtype) for c in cols]
+    take = min(n, self.capacity - self._fill)
+    for b, c in zip(self._buf, cols):
+      b[self._fill:self._fill + take] = c[:take]
+    self._fill += take
+    out, start = [], take
+    while start < n:
+      if self._pos == len(self._perm):  # A new turn of the buffer.
+        self._perm = self._rng.permutation(self.capacity)
+        self._pos = 0
+        self.turns += 1
+      # Within one turn the slots are distinct, so gather-then-scatter is exact.
+      k = min(n - start, len(self._perm) - self._pos)
+      slots = self._perm[self._pos:self._pos + k]
+      self._pos += k
+      out.append(tuple(b[slots] for b in self._buf))
+      for b, c in zip(self._buf, cols):
+        b[slots] = c[start:start + k]
+      start += k
+    return out
+
+  def drain(self) -> Tuple[np.ndarray, ...]:
+    """Sends on every row still held, in random order; the stream has ended."""
+    if self._buf is None:
+      return ()
+    order = self._rng.permutation(self._fill)
+    return tuple(b[:self._fill][order] for b in self._buf)
+
+  def distinct_items(self) -> np.ndarray:
+    """The distinct items in the buffer, recomputed once per turn."""
+    if self._pool is None or self._pool_turn != self.turns:
+      self._pool = np.unique(self._buf[1][:self._fill])
+      self._pool_turn = self.turns
+    return self._pool
+
+
+class _Rows:
+  """A queue of row blocks that hands out fixed numbers of rows."""
+
+  def __init__(self):
+    self._parts: List[Tuple[np.ndarray, ...]] = []
+    self.count = 0
+
+  def add(self, cols: Tuple[np.ndarray, ...]) -> None:
+    if cols and len(cols[0]):
+      self._parts.append(cols)
+      self.count += len(cols[0])
+
+  def take(self, n: int) -> Tuple[np.ndarray, ...]:
+    out, got = [], 0
+    while got < n:
+      part = self._parts[0]
+      k = min(n - got, len(part[0]))
+      out.append(tuple(c[:k] for c in part))
+      if k == len(part[0]):
+        self._parts.pop(0)
+      else:
+        self._parts[0] = tuple(c[k:] for c in part)
+      got += k
+    self.count -= n
+    return tuple(np.concatenate(cs) for cs in zip(*out))
+
+
+class _BatchStream:
+  """The Python side of one input pipeline: shards -> chunks of whole batches.
+
+  Called with no arguments it returns a generator of (features, labels)
+  chunks, each a whole number of `layout` batches (the last one of a finite
+  stream may end with a partial batch), laid out row by row: a positive, then
+  its k negatives.
+  """
+
+  def __init__(self, data, files: Sequence[str], layout: BatchLayout, *,
+               training: bool, seed: int, epochs: int, repeat: bool,
+               drop_remainder: bool, skip_batches: int, pipeline: int,
+               catalog: Optional[np.ndarray], stats: RowStats):
+    self._data = data
+    self._files = list(files)
+    self._layout = layout
+    self._training = training
+    self._seed = seed
+    self._epochs = epochs
+    self._repeat = repeat
+    self._drop = drop_remainder
+    self._skip = skip_batches
+    self._pipeline = pipeline
+    self._catalog = catalog
+    self._reader = _reader(data, stats)
+    # Chunks of ~64k examples keep the per-element cost of the generator
+    # small at any batch size.
+    self._batches_per_chunk = max(1, (1 << 18) // layout.examples)
+
+  def _passes(self) -> Iterator[List[str]]:
+    epoch = 0
+    while self._repeat or epoch < self._epochs:
+      order = list(self._files)
+      if self._training:
+        np.random.default_rng([self._seed, self._pipeline, epoch]).shuffle(order)
+      yield order
+      epoch += 1
+
+  def __call__(self):
+    data, layout = self._data, self._layout
+    mixer = (_Mixer(data.shuffle_buffer_rows, np.random.default_rng(
+        [self._seed, self._pipeline, 1 << 20])) if self._training else None)
+    pending = _Rows()
+    chunk_rows = layout.rows * self._batches_per_chunk
+    state = {"chunk": 0, "batch": 0}
+    width = max(1, data.files_in_flight)
+    threads = max(1, min(width, len(self._files), os.cpu_count() or 2))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for epoch, paths in enumerate(self._passes()):
+        for path, block in _round_robin(self._reader, paths, width, pool):
+          rows = _labelled(data, path, block)
+          for out in (mixer.push(rows) if mixer else [rows]):
+            pending.add(out)
+          while pending.count >= chunk_rows:
+            chunk = self._chunk(pending.take(chunk_rows), mixer, state)
+            if chunk is not None:
+              yield chunk
+        if mixer and epoch == 0:
+          mixer.seal()
+      if mixer:
+        pending.add(mixer.drain())
+      rows = pending.count
+      if self._drop:
+        rows -= rows % layout.rows
+      if rows:
+        chunk = self._chunk(pending.take(rows), mixer, state)
+        if chunk is not None:
+          yield chunk
+
+  def _chunk(self, rows, mixer: Optional[_Mixer], state):
+    """Adds negatives to a chunk of rows; None if it is all skipped."""
+    layout, k = self._layout, self._data.num_negatives
+    n = len(rows[0])
+    first, chunk = state["batch"], state["chunk"]
+    state["batch"] += -(-n // layout.rows)
+    state["chunk"] += 1
+    if state["batch"] <= self._skip:
+      return None
+    user, item, label = rows
+    if k:
+      if self._catalog is not None:
+        pool = self._catalog
+      elif mixer is not None:
+        pool = mixer.distinct_items()
+      else:
+        pool = np.unique(item)
+      rng = np.random.default_rng([self._seed, self._pipeline, chunk])
+      negatives = pool[rng.integers(0, len(pool), size=(n, k))]
+      item = np.concatenate([item[:, None], negatives], axis=1).reshape(-1)
+      user = np.repeat(user, 1 + k)
+      label = np.zeros((n, 1 + k), np.float32)
+      label[:, 0] = 1.0
+      label = label.reshape(-1)
+    start = max(0, self._skip - first) * layout.examples
+    features = {self._data.user_column: user[start:],
+                self._data.item_column: item[start:]}
+    return features, label[start:]
 
 
 def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
                  training: bool, seed: int = 0, epochs: int = 1,
                  repeat: bool = False, drop_remainder: bool = False,
-                 skip_batches: int = 0,
+                 skip_steps: int = 0,
                  input_context: Optional[tf.distribute.InputContext] = None,
                  stats: Optional[RowStats] = None,
                  negative_catalog: str = "") -> tf.data.Dataset:
   """Builds the (features, labels) pipeline of one input pipeline.
 
   Args:
-    data: A DataConfig (schema, labels, negatives, bad-row policy).
+    data: A DataConfig (schema, labels, negatives, mixing, bad-row policy).
     files: Shards, from `resolve_files`.
-    global_batch_size: Examples per step across all replicas.
-    training: Shuffle files and rows and add negatives when True.
+    global_batch_size: Examples per step across all replicas; with k
+      negatives each replica's share is rounded down to a multiple of 1 + k.
+    training: Shuffle files, mix rows and add negatives when True.
     seed: Seeds every random choice, so a run can be replayed exactly.
     epochs: Passes over the files (ignored if `repeat`).
     repeat: Repeat forever (the caller stops after a number of steps).
     drop_remainder: Keep every batch full (static shapes, as TPUs need).
-    skip_batches: Batches to skip, e.g. those a resumed run already trained on.
+    skip_steps: Steps already trained (a resumed run): each step took one
+      batch for every replica this pipeline feeds, and those are skipped.
     input_context: Gives the per-replica batch size and this pipeline's shard.
     stats: Counts rows read and skipped.
     negative_catalog: Item-ID file negatives are drawn from (overrides the
@@ -286,78 +601,54 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
     A dataset of ({user_column: [B], item_column: [B]}, labels [B] float32).
 
   Raises:
-    ValueError: If there are fewer files than input pipelines.
+    ValueError: If there are fewer files than input pipelines, or a batch
+      cannot hold a positive and its negatives.
   """
   stats = stats if stats is not None else RowStats()
-  batch_size = global_batch_size
+  batch_size, pipeline, replicas_here = global_batch_size, 0, 1
   files = list(files)
   if input_context is not None:
     batch_size = input_context.get_per_replica_batch_size(global_batch_size)
     n = input_context.num_input_pipelines
+    pipeline = input_context.input_pipeline_id
+    replicas_here = max(1, input_context.num_replicas_in_sync // n)
     if n > 1:
       if len(files) < n:
         raise ValueError(f"{len(files)} files cannot feed {n} input pipelines;"
                          " write the data in at least that many shards.")
-      files = files[input_context.input_pipeline_id::n]
-    logging.info("Input pipeline %d of %d: %d files, %d examples per replica"
-                 " batch.", input_context.input_pipeline_id + 1, n, len(files),
-                 batch_size)
+      files = files[pipeline::n]
+  layout = batch_layout(data, batch_size)
+  catalog_path = negative_catalog or data.negative_catalog
+  catalog = (_load_catalog(catalog_path, data.column_type(data.item_column))
+             if data.num_negatives and catalog_path else None)
+  if training:
+    logging.info(
+        "Input pipeline %d: %d files, %d read at once in %d KiB blocks; "
+        "mixing buffer of %d rows (%.0f MiB); batches of %d rows%s.",
+        pipeline + 1, len(files), min(len(files), data.files_in_flight),
+        data.block_bytes >> 10, data.shuffle_buffer_rows,
+        data.shuffle_buffer_rows * _row_bytes(data) / 2**20, layout.rows,
+        (f" + {layout.rows * data.num_negatives} negatives = "
+         f"{layout.examples} examples, per replica") if data.num_negatives
+        else " per replica")
+    if data.num_negatives:
+      logging.info("Negatives: %d per positive, uniform over %s.",
+                   data.num_negatives,
+                   f"{len(catalog)} items of {catalog_path}"
+                   if catalog is not None
+                   else "the distinct items in the mixing buffer")
 
   user, item = data.user_column, data.item_column
-  reader = _reader(data, stats)
-
-  ds = tf.data.Dataset.from_tensor_slices(files)
-  if training:
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.repeat() if repeat else ds.repeat(epochs)
-  ds = ds.interleave(
-      lambda path: tf.data.Dataset.from_generator(
-          reader.read, args=(path,),
-          output_signature=reader.output_signature()),
-      cycle_length=min(len(files), 4),
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True)
-
-  def to_example(*cols):
-    features = {user: cols[0], item: cols[1]}
-    if data.label_mode == "column":
-      labels = tf.cast(cols[2], tf.float32)
-      tf.debugging.assert_less_equal(
-          tf.reduce_max(tf.abs(labels - 0.5)), 0.5,
-          message=(f"Label column {data.label_column!r} must hold 0/1 values;"
-                   " use --label_mode=threshold for ratings."))
-    elif data.label_mode == "threshold":
-      labels = tf.cast(cols[2] >= data.label_threshold, tf.float32)
-    else:
-      labels = tf.ones_like(cols[0], dtype=tf.float32)
-    return features, labels
-
-  ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
-
-  catalog_path = negative_catalog or data.negative_catalog
-  catalog = (_load_catalog(catalog_path, data.column_type(item))
-             if data.num_negatives and catalog_path else None)
-  if data.num_negatives and training:
-    logging.info("Negatives: %d per positive, uniform over %s.",
-                 data.num_negatives,
-                 f"{len(catalog)} items of {catalog_path}"
-                 if catalog is not None else "the distinct items of each block")
-  # Seeded streams of per-element seeds keep the whole pipeline replayable:
-  # a resumed run skips to exactly the batches it had left.
-  if data.num_negatives:
-    ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
-        lambda ex, s: _add_negatives(ex, s, data.num_negatives, catalog),
-        num_parallel_calls=tf.data.AUTOTUNE)
-  if training:
-    # Consecutive blocks come from different files (the interleave alternates
-    # them); permuting super-blocks of them mixes rows across blocks and files
-    # at a per-element cost of one super-block, not one row.
-    ds = ds.rebatch(max(data.shuffle_rows, 8 * batch_size))
-    ds = tf.data.Dataset.zip((ds, _seeds(seed + 1))).map(
-        _permute, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
-  if skip_batches:
-    ds = ds.skip(skip_batches)
+  spec = lambda col: tf.TensorSpec([None], _TF_TYPES[data.column_type(col)])
+  stream = _BatchStream(
+      data, files, layout, training=training, seed=seed, epochs=epochs,
+      repeat=repeat, drop_remainder=drop_remainder,
+      skip_batches=skip_steps * replicas_here, pipeline=pipeline,
+      catalog=catalog, stats=stats)
+  ds = tf.data.Dataset.from_generator(
+      stream, output_signature=({user: spec(user), item: spec(item)},
+                                tf.TensorSpec([None], tf.float32)))
+  ds = ds.rebatch(layout.examples, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
   # With an input context the files were sharded above; without one the
@@ -368,61 +659,92 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _seeds(seed: int) -> tf.data.Dataset:
-  """An endless, seeded stream of stateless-RNG seeds (int64 [2])."""
-  return tf.data.Dataset.random(seed=seed).batch(2)
+def _row_bytes(data) -> int:
+  """Bytes a row takes in the mixing buffer (user, item, label)."""
+  per_type = {"int64": 8, "float32": 4, "string": 8 + 56}  # str objects.
+  return (per_type[data.column_type(data.user_column)] +
+          per_type[data.column_type(data.item_column)] + 4)
 
 
-def _add_negatives(example, seed, num_negatives: int,
-                   catalog: Optional[np.ndarray]):
-  """Appends `num_negatives` uniform random items (label 0) per row."""
-  features, labels = example
-  user, item = list(features)
-  n = tf.shape(labels)[0] * num_negatives
-  pool = (tf.constant(catalog) if catalog is not None
-          else tf.unique(features[item]).y)
-  picks = tf.random.stateless_uniform(
-      [n], seed=seed, maxval=tf.shape(pool, out_type=tf.int64)[0],
-      dtype=tf.int64)
-  features = {
-      user: tf.concat([features[user],
-                       tf.repeat(features[user], num_negatives)], 0),
-      item: tf.concat([features[item], tf.gather(pool, picks)], 0),
-  }
-  return features, tf.concat([labels, tf.zeros([n], tf.float32)], 0)
+@dataclasses.dataclass
+class FileScan:
+  """What one pass over a file found.
+
+  Attributes:
+    rows: Usable rows.
+    in_order: {column: share of consecutive rows whose value does not
+      decrease}; about 0.5 for a shuffled file, near 1 for a sorted or
+      grouped one.
+  """
+  rows: int
+  in_order: Dict[str, float]
 
 
-def _permute(example, seed):
-  """Shuffles the rows of a super-block."""
-  features, labels = example
-  order = tf.random.experimental.stateless_shuffle(
-      tf.range(tf.shape(labels)[0]), seed=seed)
-  return ({k: tf.gather(v, order) for k, v in features.items()},
-          tf.gather(labels, order))
-
-
-def count_rows(data, files: Sequence[str], stats: Optional[RowStats] = None,
-               threads: int = 2) -> Dict[str, int]:
-  """Counts the usable rows of each file in one parallel streaming pass.
+def scan_files(data, files: Sequence[str], stats: Optional[RowStats] = None,
+               threads: int = 2) -> Dict[str, FileScan]:
+  """Counts the usable rows of each file and how sorted it is, in one pass.
 
   The pass parses every row exactly as training will, so a malformed row or a
   truncated shard stops the run here, before any training.
 
   Args:
     data: A DataConfig.
-    files: Shards to count.
+    files: Shards to scan.
     stats: Counts skipped rows too (with bad_rows="skip").
     threads: Files read at once (the parser releases the GIL).
 
   Returns:
-    {path: rows}.
+    {path: FileScan}, in the order of `files`.
   """
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
   stats = stats if stats is not None else RowStats()
-  reader = _reader(data, stats)
+  order_columns = [data.user_column] + (
+      [data.time_column] if data.time_column in data.columns else [])
+  reader = _reader(data, stats, extra=order_columns)
+  names = reader.wanted
 
-  def count(path):
-    return sum(len(cols[0]) for cols in reader.read(path))
+  def scan(path):
+    rows, pairs, ordered = 0, 0, dict.fromkeys(order_columns, 0)
+    for cols in reader.read(path):
+      rows += len(cols[0])
+      pairs += max(0, len(cols[0]) - 1)
+      for c in order_columns:
+        v = cols[names.index(c)]
+        ordered[c] += int(np.count_nonzero(v[1:] >= v[:-1]))
+    return FileScan(rows, {c: ordered[c] / pairs if pairs else 0.0
+                           for c in order_columns})
 
-  with futures.ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-    return dict(zip(files, pool.map(count, files)))
+  with concurrent.futures.ThreadPoolExecutor(
+      max(1, min(threads, len(files)))) as pool:
+    return dict(zip(files, pool.map(scan, files)))
+
+
+def order_warnings(data, scans: Dict[str, FileScan],
+                   threshold: float = 0.9) -> List[str]:
+  """Says which files are sorted beyond what the mixing buffer can mix.
+
+  The buffer holds about shuffle_buffer_rows / files_in_flight consecutive
+  rows of each file being read: a sorted file longer than that reaches the
+  batches as runs of one user (or one period). A log that fits in the buffer
+  is shuffled whole, whatever its order.
+
+  Returns:
+    One message per such file, naming it and the fix.
+  """
+  total = sum(s.rows for s in scans.values())
+  if total <= data.shuffle_buffer_rows:
+    return []
+  share = data.shuffle_buffer_rows // max(1, min(data.files_in_flight,
+                                                 len(scans)))
+  out = []
+  for path, scan in scans.items():
+    sorted_by = [f"{column} ({100 * fraction:.0f}% of consecutive rows in "
+                 "order)" for column, fraction in scan.in_order.items()
+                 if fraction >= threshold]
+    if sorted_by and scan.rows > share:
+      out.append(
+          f"{path} is sorted by {' and by '.join(sorted_by)} over {scan.rows} "
+          f"rows, more than the {share} rows of it the mixing buffer holds: "
+          "batches will hold runs of few users or of one period. Write the "
+          "log in more, shuffled shards (input.movielens writes them so), or "
+          "raise --shuffle_buffer_rows (memory) or --files_in_flight.")
+  return out

@@ -1,13 +1,14 @@
 """MovieLens ratings -> headerless gzipped CSV shards `user_id,item_id,rating,timestamp`.
 
   python -m input.movielens --format=ml-100k --src=path/ml-100k --dst=data/ml100k \
-      [--num_shards=4] [--split=none|leave_last_out]
+      [--num_shards=4] [--split=none|leave_last_out] [--order=shuffled|user|time]
 
 ml-100k reads u.data, ml-1m ratings.dat, ml-latest (also ml-latest-small,
 ml-20m, ml-25m) ratings.csv. With --split=leave_last_out each user's latest
 interaction goes to test-*, the one before to validation-*, the rest to
-train-*; otherwise everything goes to ratings-*. DST/dataset.json records
-counts and files. MovieLens is GroupLens' data: research use, acknowledge it.
+train-*; otherwise everything goes to ratings-*. Rows are written in a seeded
+random order unless --order asks for user or time order (to test how training
+copes with sorted logs). DST/dataset.json records counts and files. MovieLens is GroupLens' data: research use, acknowledge it.
 """
 
 import json
@@ -30,6 +31,7 @@ FORMATS = {
 }
 TRAIN, VALIDATION, TEST = 0, 1, 2
 _SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
+ORDERS = ("shuffled", "user", "time")
 
 
 def read_ratings(fmt: str, src: str) -> pa.Table:
@@ -89,6 +91,18 @@ def leave_last_out(user_ids: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
   return codes
 
 
+def _reorder(table: pa.Table, order: str, seed: int) -> pa.Table:
+  """The rows of `table` in the given ORDERS order (ties keep log order)."""
+  if order == "shuffled":
+    index = np.random.default_rng(seed).permutation(table.num_rows)
+  else:
+    n = np.arange(table.num_rows)
+    time_ = table.column("timestamp").to_numpy()
+    index = (np.lexsort((n, time_, table.column("user_id").to_numpy()))
+             if order == "user" else np.lexsort((n, time_)))
+  return table.take(pa.array(index))
+
+
 def _write(table: pa.Table, prefix: str, num_shards: int) -> list:
   """Writes contiguous row ranges of `table` as PREFIX-0000i-of-0000N.csv.gz."""
   bounds = np.linspace(0, table.num_rows, num_shards + 1).astype(int)
@@ -107,7 +121,7 @@ def _write(table: pa.Table, prefix: str, num_shards: int) -> list:
 
 
 def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
-            split: str = "none") -> Dict:
+            split: str = "none", order: str = "shuffled", seed: int = 0) -> Dict:
   """Converts a MovieLens download into gz CSV shards; returns dataset.json.
 
   Args:
@@ -116,6 +130,8 @@ def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
     dst: Output folder (local or gs://).
     num_shards: Shards of the training (or whole) set.
     split: "none" or "leave_last_out".
+    order: Row order of the shards: "shuffled" (seeded), "user" or "time".
+    seed: Seed of the shuffled order.
   """
   if split not in ("none", "leave_last_out"):
     raise ValueError("--split must be none or leave_last_out.")
@@ -124,11 +140,12 @@ def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
   logging.info("Read %d ratings from %s (%.1fs).", table.num_rows, src,
                time.time() - t0)
   return write_splits(table, dst, num_shards, split,
-                      {"format": fmt, "source": src})
+                      {"format": fmt, "source": src}, order=order, seed=seed)
 
 
 def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
-                 split: str = "none", info: Dict = None) -> Dict:
+                 split: str = "none", info: Dict = None,
+                 order: str = "shuffled", seed: int = 0) -> Dict:
   """Writes an interaction table (columns COLUMNS) as gz CSV shards.
 
   Args:
@@ -138,12 +155,18 @@ def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
     split: "none" (everything in ratings-*) or "leave_last_out" (train-*,
       validation-*, test-*; see leave_last_out).
     info: Extra entries for dataset.json (e.g. the source).
+    order: Row order within and across shards: "shuffled" (a seeded random
+      order, so that a reader that mixes rows over a window still sees the
+      whole log mixed), "user" (by user, then time) or "time".
+    seed: Seed of the shuffled order.
 
   Returns:
     The contents of dst/dataset.json.
   """
   if split not in ("none", "leave_last_out"):
     raise ValueError("--split must be none or leave_last_out.")
+  if order not in ORDERS:
+    raise ValueError(f"--order must be one of {ORDERS}.")
   t0 = time.time()
   users = table.column("user_id").to_numpy()
   logging.info("%d interactions of %d users and %d items.", table.num_rows,
@@ -163,6 +186,7 @@ def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
                                num_shards if c == TRAIN else 1)
              for c in (TRAIN, VALIDATION, TEST)}
   for name, (part, shards) in parts.items():
+    part = _reorder(part, order, seed)
     paths = _write(part, os.path.join(dst, name), shards)
     splits[name] = {"rows": part.num_rows,
                     "files": [os.path.basename(p) for p in paths]}
@@ -170,7 +194,8 @@ def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
   info = {**(info or {}), "columns": COLUMNS,
           "num_users": int(len(np.unique(users))),
           "num_items": int(len(np.unique(table.column("item_id").to_numpy()))),
-          "num_rows": table.num_rows, "split": split, "splits": splits}
+          "num_rows": table.num_rows, "split": split, "order": order,
+          "seed": seed, "splits": splits}
   with tf.io.gfile.GFile(os.path.join(dst, "dataset.json"), "w") as f:
     json.dump(info, f, indent=2)
   logging.info("Wrote %s in %.1fs.", dst, time.time() - t0)
@@ -182,7 +207,8 @@ def main(argv, args):
   fmt = args["format"].value
   fmt = "ml-latest" if fmt.startswith(("ml-latest", "ml-20m", "ml-25m")) else fmt
   convert(fmt, args["src"].value, args["dst"].value,
-          args["num_shards"].value, args["split"].value)
+          args["num_shards"].value, args["split"].value, args["order"].value,
+          args["seed"].value)
 
 
 if __name__ == "__main__":
@@ -197,5 +223,9 @@ if __name__ == "__main__":
       "num_shards": flags.DEFINE_integer("num_shards", 4, "Training shards."),
       "split": flags.DEFINE_enum("split", "none", ["none", "leave_last_out"],
                                  "Hold out each user's last two ratings."),
+      "order": flags.DEFINE_enum("order", "shuffled", list(ORDERS),
+                                 "Row order of the shards: shuffled (seeded), "
+                                 "by user, or by time."),
+      "seed": flags.DEFINE_integer("seed", 0, "Seed of the shuffled order."),
   }
   app.run(lambda argv: main(argv, _args))

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import subprocess
 
 import numpy as np
 import tensorflow as tf
@@ -90,7 +91,7 @@ class CsvDatasetTest(tf.test.TestCase):
 
     def users(seed, skip=0):
       ds = csv_dataset.make_dataset(self.data, paths, 500, training=True,
-                                    seed=seed, epochs=2, skip_batches=skip)
+                                    seed=seed, epochs=2, skip_steps=skip)
       return [f["user_id"].numpy().tolist() for f, _ in ds]
 
     first = users(1)
@@ -124,7 +125,7 @@ class CsvDatasetTest(tf.test.TestCase):
         collect(csv_dataset.make_dataset(self.data, [path], 4,
                                          training=False))
       with self.assertRaisesRegex(csv_dataset.InputDataError, "bad.csv.gz"):
-        csv_dataset.count_rows(self.data, [path])
+        csv_dataset.scan_files(self.data, [path])
 
   def test_skip_mode_drops_and_counts_malformed_rows(self):
     text = FIVE_ROWS + "6,40,1\n7,abc,1,105\n8,50,x,106\n9,60,1,107\n"
@@ -147,13 +148,95 @@ class CsvDatasetTest(tf.test.TestCase):
       f.write(blob[: len(blob) // 2])
     with self.assertRaisesRegex(csv_dataset.InputDataError,
                                 "cut.csv.gz: truncated gzip"):
-      csv_dataset.count_rows(self.data, [path])
+      csv_dataset.scan_files(self.data, [path])
 
   def test_labels_outside_zero_one_are_an_error(self):
     path = write(os.path.join(self.dir, "r.csv.gz"), "1,2,5,0\n")
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "label_mode=threshold"):
+    with self.assertRaisesRegex(tf.errors.OpError,
+                                "r.csv.gz: label column .* --label_mode=threshold"):
       collect(csv_dataset.make_dataset(self.data, [path], 4, training=False))
+
+
+def zcat_lines(path):
+  """What `zcat FILE | wc -l` says."""
+  out = subprocess.run(f"zcat {path} | wc -l", shell=True, check=True,
+                       capture_output=True, text=True).stdout
+  return int(out.strip())
+
+
+class BlockBoundaryTest(tf.test.TestCase):
+  """Shards of many read blocks: rows cut by blocks, gzip members, headers."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.get_temp_dir()
+    rng = np.random.default_rng(0)
+    # IDs of 1 to 12 digits, so block ends fall anywhere inside rows.
+    self.users = rng.integers(0, 10 ** rng.integers(1, 13, 20_000))
+    self.items = rng.integers(0, 1000, 20_000)
+    self.lines = [f"{u},{i},1,{n}\n" for n, (u, i) in
+                  enumerate(zip(self.users, self.items))]
+
+  def data(self, block_bytes, **fields):
+    return config_lib.DataConfig(train_files=("x",), block_bytes=block_bytes,
+                                 **fields)
+
+  def read(self, data, path):
+    feats, _ = collect(csv_dataset.make_dataset(data, [path], 4096,
+                                                training=False))
+    rows = csv_dataset.scan_files(data, [path])[path].rows
+    return feats, rows
+
+  def test_rows_cut_by_block_ends_are_read_whole(self):
+    path = write(os.path.join(self.dir, "many.csv.gz"), "".join(self.lines))
+    for block in (256, 1000, 4099):
+      self.assertGreater(os.path.getsize(path), 40 * block)
+      feats, rows = self.read(self.data(block), path)
+      self.assertEqual(rows, zcat_lines(path))
+      self.assertAllEqual(feats["user_id"], self.users)
+      self.assertAllEqual(feats["item_id"], self.items)
+
+  def test_multi_member_gzip(self):
+    members = [gzip.compress("".join(self.lines[a:b]).encode())
+               for a, b in ((0, 7000), (7000, 7001), (7001, 20_000))]
+    path = os.path.join(self.dir, "members.csv.gz")
+    with open(path, "wb") as f:
+      f.write(b"".join(members))
+    # One block size ends a read exactly where the second member starts.
+    for block in (len(members[0]), 333, 1 << 16):
+      feats, rows = self.read(self.data(block), path)
+      self.assertEqual(rows, zcat_lines(path))
+      self.assertAllEqual(feats["user_id"], self.users)
+
+  def test_header_is_skipped_once(self):
+    path = write(os.path.join(self.dir, "header.csv.gz"),
+                 "user_id,item_id,label,timestamp\n" + "".join(self.lines))
+    feats, rows = self.read(self.data(512, header=True), path)
+    self.assertEqual(rows, zcat_lines(path) - 1)
+    self.assertAllEqual(feats["user_id"], self.users)
+
+  def test_malformed_row_after_the_first_block_names_its_line(self):
+    lines = list(self.lines)
+    for n in range(999, len(lines), 1000):
+      lines[n] = "\n"  # Empty lines, which the parser passes over.
+    header = "user_id,item_id,label,timestamp\n"
+    for bad, line_no in (("5,6\n", 15_001), ("5,six,1,0\n", 17_003)):
+      text = lines[:line_no - 2] + [bad] + lines[line_no - 2:]
+      path = write(os.path.join(self.dir, "bad.csv.gz"),
+                   header + "".join(text))
+      data = self.data(700, header=True)
+      # The header is line 1, so the bad row is on line_no.
+      with self.assertRaisesRegex(csv_dataset.InputDataError,
+                                  f"bad.csv.gz: line {line_no}: "):
+        csv_dataset.scan_files(data, [path])
+      with self.assertRaisesRegex(tf.errors.OpError,
+                                  f"bad.csv.gz: line {line_no}: "):
+        self.read(data, path)
+      skip = self.data(700, header=True, bad_rows="skip")
+      stats = csv_dataset.RowStats()
+      rows = csv_dataset.scan_files(skip, [path], stats)[path].rows
+      self.assertEqual(rows, 20_000 - 20)  # Less the 20 emptied lines.
+      self.assertEqual(stats.skipped, 1)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,15 @@ class DataConfig:
     bad_rows: "error" stops on the first malformed row, naming the file;
       "skip" drops malformed rows and counts them.
     block_bytes: Compressed bytes read per block; rows are parsed a whole
-      block at a time. Memory in flight is a few blocks, whatever the shard
-      sizes.
-    shuffle_rows: Rows permuted together in training: consecutive blocks,
-      which the interleave takes from different files (at least 8 batches).
+      block at a time. Memory in flight is a block per file being read,
+      whatever the shard sizes.
+    files_in_flight: Files each input pipeline reads at once, a block of each
+      in turn, so that rows of many files meet in the mixing buffer.
+    shuffle_buffer_rows: Rows of the mixing buffer of each input pipeline in
+      training (about 20 bytes each with int64 IDs). A log that fits is
+      shuffled whole every epoch; a larger one is mixed over this window.
+    time_column: Column of event times, used only to warn when the files are
+      sorted by time beyond what the buffer can mix ("" or absent: no check).
   """
   train_files: Tuple[str, ...] = ()
   eval_files: Tuple[str, ...] = ()
@@ -56,8 +61,10 @@ class DataConfig:
   num_negatives: int = 0
   negative_catalog: str = ""
   bad_rows: str = "error"
-  block_bytes: int = 512 << 10
-  shuffle_rows: int = 1 << 18
+  block_bytes: int = 64 << 10
+  files_in_flight: int = 16
+  shuffle_buffer_rows: int = 1 << 20
+  time_column: str = "timestamp"
 
   def column_type(self, name: str) -> str:
     return self.column_types[self.columns.index(name)]
@@ -258,6 +265,12 @@ def validate(config: Config) -> Config:
          "--label_mode=implicit needs --num_negatives > 0, or every label is 1.")
   _check(d.bad_rows in ("error", "skip"), "--bad_rows must be error or skip.")
   _check(len(d.delimiter) == 1, "--delimiter must be one character.")
+  _check(d.block_bytes >= 1024, "block_bytes must be at least 1024.")
+  _check(d.files_in_flight >= 1, "--files_in_flight must be >= 1.")
+  _check(d.shuffle_buffer_rows >= 1, "--shuffle_buffer_rows must be >= 1.")
+  _check(t.batch_size >= 1 + d.num_negatives,
+         "--batch_size=%d cannot hold one positive and its %d negatives.",
+         t.batch_size, d.num_negatives)
   _check(m.id_mode in ID_MODES, "--id_mode must be one of %s.", ID_MODES)
   _check(m.embedding_dim > 0, "--embedding_dim must be positive.")
   _check([tb.feature for tb in m.tables] == list(d.id_columns),

@@ -33,6 +33,13 @@ flags.DEFINE_string("label_column", None, "Label (or rating) column.")
 flags.DEFINE_float("label_threshold", None, "Positive if label_column >= this.")
 flags.DEFINE_integer("num_negatives", None, "Random negative items per row.")
 flags.DEFINE_string("negative_catalog", None, "Item-ID file negatives come from.")
+flags.DEFINE_integer("shuffle_buffer_rows", None,
+                     "Rows of each input pipeline's mixing buffer (training); "
+                     "a log that fits is shuffled whole every epoch.")
+flags.DEFINE_integer("files_in_flight", None,
+                     "Files each input pipeline reads at once, block by block.")
+flags.DEFINE_string("time_column", None, "Event-time column (only checked for "
+                    "sorted input).")
 flags.DEFINE_enum("bad_rows", None, ["error", "skip"],
                   "Malformed rows stop the run (error) or are counted and "
                   "skipped (skip).")
@@ -89,7 +96,8 @@ _SECTIONS = {
     "data": ["train_files", "eval_files", "columns", "column_types", "header",
              "delimiter", "user_column", "item_column", "label_mode",
              "label_column", "label_threshold", "num_negatives",
-             "negative_catalog", "bad_rows"],
+             "negative_catalog", "shuffle_buffer_rows", "files_in_flight",
+             "time_column", "bad_rows"],
     "model": ["id_mode", "embedding_dim"],
     "train": ["batch_size", "eval_batch_size", "epochs", "train_steps",
               "steps_per_execution", "optimizer", "learning_rate",

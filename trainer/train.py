@@ -6,6 +6,7 @@ and skips the batches it already trained on, so it sees the same data in the
 same order as an uninterrupted run would.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -28,13 +29,13 @@ from trainer import strategy as strategy_lib
 class _Progress(tf_keras.callbacks.Callback):
   """Progress lines, TensorBoard scalars and periodic checkpoints."""
 
-  def __init__(self, start_step: int, total_steps: int, global_batch: int,
+  def __init__(self, start_step: int, total_steps: int, examples_per_step: int,
                log_every: int, checkpoint_every: int,
                manager: tf.train.CheckpointManager, model_dir: str):
     super().__init__()
     self._start = start_step
     self._total = total_steps
-    self._batch = global_batch
+    self._batch = examples_per_step
     self._log_every = log_every
     self._ckpt_every = checkpoint_every
     self._manager = manager
@@ -88,25 +89,33 @@ def _check_same_run(model_dir: str, config) -> None:
           f"({'; '.join(diff)}). Use a new --model_dir, or the same flags.")
 
 
-def _steps_per_epoch(config, files, model_dir: str, stats) -> int:
-  """Counts the training rows once (cached in model_dir) -> steps per epoch."""
+def _scan_training_files(config, files, model_dir: str,
+                         stats) -> Dict[str, csv_dataset.FileScan]:
+  """Rows and order of each training file: one pass, cached in model_dir.
+
+  The pass also stops a run on bad data before training, and warns when a
+  file is sorted (by user or time) beyond what the mixing buffer can mix.
+  """
   cache = os.path.join(model_dir, "data_stats.json")
   sizes = {f: tf.io.gfile.stat(f).length for f in files}
-  counts = None
+  scans = None
   if tf.io.gfile.exists(cache):
     with tf.io.gfile.GFile(cache) as f:
       cached = json.load(f)
-    if cached.get("sizes") == sizes:
-      counts = cached["rows"]
-  if counts is None:
+    if cached.get("sizes") == sizes and "scans" in cached:
+      scans = {k: csv_dataset.FileScan(**v) for k, v in cached["scans"].items()}
+  if scans is None:
     t0 = time.time()
-    counts = csv_dataset.count_rows(config.data, files, stats)
-    logging.info("Counted %d rows in %d files (%.1fs).", sum(counts.values()),
-                 len(files), time.time() - t0)
+    scans = csv_dataset.scan_files(config.data, files, stats)
+    logging.info("Counted %d rows in %d files (%.1fs).",
+                 sum(s.rows for s in scans.values()), len(files),
+                 time.time() - t0)
     with tf.io.gfile.GFile(cache, "w") as f:
-      json.dump({"sizes": sizes, "rows": counts}, f)
-  examples = sum(counts.values()) * (1 + config.data.num_negatives)
-  return max(1, math.ceil(examples / config.train.batch_size))
+      json.dump({"sizes": sizes, "scans": {k: dataclasses.asdict(v)
+                                           for k, v in scans.items()}}, f)
+  for message in csv_dataset.order_warnings(config.data, scans):
+    logging.warning("%s", message)
+  return scans
 
 
 def _input_error(e: tf.errors.OpError) -> Exception:
@@ -156,11 +165,22 @@ def train_and_evaluate(config) -> Dict[str, Any]:
     logging.info("Evaluation files: %d.", len(eval_files))
 
   train_stats, eval_stats = csv_dataset.RowStats(), csv_dataset.RowStats()
+  scans = _scan_training_files(config, train_files, write_dir, train_stats)
+  replicas = strategy.num_replicas_in_sync
+  layout = csv_dataset.batch_layout(data, train.batch_size // replicas)
+  # A step takes one batch per replica; an epoch is a pass over the rows.
+  rows_per_step = layout.rows * replicas
+  examples_per_step = layout.examples * replicas
+  rows = sum(s.rows for s in scans.values())
   if train.train_steps:
     total_steps = train.train_steps
   else:
-    total_steps = train.epochs * _steps_per_epoch(config, train_files,
-                                                  write_dir, train_stats)
+    total_steps = train.epochs * max(1, math.ceil(rows / rows_per_step))
+  logging.info("%d training rows; each step takes %d of them%s (%.2f epochs).",
+               rows, rows_per_step,
+               f" with {data.num_negatives} negatives each, {examples_per_step}"
+               " examples" if data.num_negatives else "",
+               total_steps * rows_per_step / max(rows, 1))
 
   with strategy.scope():
     model = model_lib.MatrixFactorization(config, on_tpu=on_tpu,
@@ -183,17 +203,17 @@ def train_and_evaluate(config) -> Dict[str, Any]:
                  total_steps)
   else:
     logging.info("Training from scratch for %d steps of %d examples.",
-                 total_steps, train.batch_size)
+                 total_steps, examples_per_step)
 
   vocab = (config.model.table(data.item_column).vocab_file
            if config.model.id_mode == "vocab" else "")
   train_ds = strategy.distribute_datasets_from_function(
       lambda ctx: csv_dataset.make_dataset(
           data, train_files, train.batch_size, training=True, seed=train.seed,
-          repeat=True, drop_remainder=on_tpu, skip_batches=start_step,
+          repeat=True, drop_remainder=on_tpu, skip_steps=start_step,
           input_context=ctx, stats=train_stats,
           negative_catalog=data.negative_catalog or vocab))
-  progress = _Progress(start_step, total_steps, train.batch_size,
+  progress = _Progress(start_step, total_steps, examples_per_step,
                        train.log_every_steps, train.checkpoint_every_steps,
                        manager, write_dir)
   t0 = time.time()
