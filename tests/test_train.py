@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
@@ -53,6 +54,36 @@ def scores_from_checkpoint(model_dir, users, items):
   logits = model({"user_id": tf.constant(users, tf.int64),
                   "item_id": tf.constant(items, tf.int64)})
   return tf.sigmoid(logits).numpy()
+
+
+def run_multi_worker(*flags, workers=2, timeout=300):
+  """Runs trainer.task as `workers` processes on loopback; (procs, logs)."""
+  ports = []
+  for _ in range(workers):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      ports.append(s.getsockname()[1])
+  procs = []
+  for index in range(workers):
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                 "task": {"type": "worker", "index": index}}
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "trainer.task", *flags,
+         "--strategy=multi_worker"],
+        cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(tf_config)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  return procs, logs
+
+
+def trained_variables(model_dir):
+  """{name: value} of the weights and optimizer state of the last checkpoint."""
+  path = tf.train.latest_checkpoint(model_dir)
+  reader = tf.train.load_checkpoint(path)
+  return path, {name: reader.get_tensor(name)
+                for name, _ in tf.train.list_variables(path)
+                if name.startswith(("model/embedding", "model/global_bias",
+                                    "optimizer/"))}
 
 
 class DemoTest(tf.test.TestCase):
@@ -127,27 +158,13 @@ class StrategyAndFailureTest(tf.test.TestCase):
                         metrics["default"]["eval"]["auc"], rtol=1e-4)
 
   def test_multi_worker_on_two_local_processes(self):
-    ports = []
-    for _ in range(2):
-      with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        ports.append(s.getsockname()[1])
-    procs = []
-    for index in range(2):
-      tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                   "task": {"type": "worker", "index": index}}
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "trainer.task", *self.common,
-           "--strategy=multi_worker", "--train_steps=60",
-           "--batch_size=1024", f"--model_dir={self.dir}/mw",
-           f"--export_dir={self.dir}/mw_export"],
-          cwd=REPO, env={**os.environ, "TF_CONFIG": json.dumps(tf_config)},
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    procs, logs = run_multi_worker(
+        *self.common, "--train_steps=60", "--batch_size=1024",
+        f"--model_dir={self.dir}/mw", f"--export_dir={self.dir}/mw_export")
     for p, log in zip(procs, logs):
       self.assertEqual(p.returncode, 0, log[-3000:])
       self.assertIn("with 2 replica(s)", log)
-    self.assertIn("Input pipeline 2 of 2: 2 files", logs[1])
+    self.assertIn("Input pipeline 2: 2 files", logs[1])
     # Only the chief's outputs are kept.
     self.assertEqual(tf.train.latest_checkpoint(f"{self.dir}/mw"),
                      f"{self.dir}/mw/ckpt-60")
@@ -213,6 +230,51 @@ class StrategyAndFailureTest(tf.test.TestCase):
                          f"--model_dir={self.dir}/c")
     self.assertNotEqual(code, 0)
     self.assertIn("embedding_dim: 32 -> 8", log)
+
+
+class ExactResumeTest(tf.test.TestCase, parameterized.TestCase):
+  """Stopped after a checkpoint and resumed = the same run uninterrupted."""
+
+  @parameterized.named_parameters(("default", "default"),
+                                  ("mirrored", "mirrored"),
+                                  ("multi_worker", "multi_worker"))
+  def test_resumed_run_ends_with_the_same_weights(self, strategy):
+    folder = self.get_temp_dir()
+    data = os.path.join(folder, "data")
+    synthetic.write_log(data, num_rows=60_000, num_users=500, num_items=200,
+                        num_shards=4)
+    # Implicit negatives from the buffer's items, a buffer smaller than the
+    # log, 2 replicas per pipeline under mirrored: all of it must replay.
+    flags = [f"--train_files={data}/train-*", "--num_bins=5000",
+             "--label_mode=implicit", "--num_negatives=4",
+             "--shuffle_buffer_rows=20000", "--batch_size=500",
+             "--steps_per_execution=8", "--checkpoint_every_steps=1000"]
+    if strategy == "mirrored":
+      flags += ["--strategy=mirrored", "--num_cpu_devices=2"]
+
+    def train(model_dir, steps):
+      args = [*flags, f"--model_dir={model_dir}", f"--train_steps={steps}"]
+      if strategy == "multi_worker":
+        procs, logs = run_multi_worker(*args)
+        for p, log in zip(procs, logs):
+          self.assertEqual(p.returncode, 0, log[-3000:])
+        return logs[0]
+      code, log = run_task(*args)
+      self.assertEqual(code, 0, log[-3000:])
+      return log
+
+    train(f"{folder}/whole", 48)
+    train(f"{folder}/resumed", 24)
+    log = train(f"{folder}/resumed", 48)
+    self.assertIn("at step 24 of 48", log)
+    path, whole = trained_variables(f"{folder}/whole")
+    resumed_path, resumed = trained_variables(f"{folder}/resumed")
+    self.assertEqual(os.path.basename(path), "ckpt-48")
+    self.assertEqual(os.path.basename(resumed_path), "ckpt-48")
+    self.assertEqual(sorted(whole), sorted(resumed))
+    for name in whole:
+      self.assertAllClose(whole[name], resumed[name], rtol=1e-5, atol=1e-7,
+                          msg=name)
 
 
 if __name__ == "__main__":
