@@ -70,8 +70,14 @@ def _tune(name, make, grid, val) -> Any:
 
 def run(data: str, out: str, seeds: int = 3, id_modes=("vocab", "hash"),
         bins_multiple: int = 64, mf_params: Dict[str, Any] = None,
-        sampled: bool = True) -> Dict[str, Any]:
-  """Runs the whole benchmark; returns (and writes) the results dict."""
+        sampled: bool = True, sorted_orders=("user",)) -> Dict[str, Any]:
+  """Runs the whole benchmark; returns (and writes) the results dict.
+
+  With sorted_orders, MF (vocab mode) is also trained on the same training
+  rows written sorted in each of those orders (input.movielens.ORDERS), as
+  mf_vocab_sorted_by_<order>: the input pipeline's mixing should make it
+  score like the shuffled shards.
+  """
   os.makedirs(out, exist_ok=True)
   splits = protocol.prepare(data, out)
   val, test = splits["validation"], splits["test"]
@@ -118,10 +124,23 @@ def run(data: str, out: str, seeds: int = 3, id_modes=("vocab", "hash"),
                             sampled=sampled) for s in range(1, seeds + 1)]
     record(name, rows, {"id_mode": mode, **p}, val_row["ndcg@10"])
     logging.info("%s done in %.0fs.", name, time.time() - t0)
+    if mode != "vocab":
+      continue
+    for order in sorted_orders:
+      ordered = protocol.prepare(data, out, order=order)["test"]
+      name = f"mf_vocab_sorted_by_{order}"
+      rows = [protocol.run_mf(ordered, p, mode, s,
+                              os.path.join(out, "runs", name, f"test-seed{s}"),
+                              sampled=sampled) for s in range(1, seeds + 1)]
+      record(name, rows, {"id_mode": mode, "order": order, **p}, None)
 
   ease = models["ease"]["ndcg@10"]
   comparison = {f"{n}_ndcg@10_over_ease": models[n]["ndcg@10"] / ease
                 for n in models if n.startswith("mf_")}
+  for n in models:
+    if n.startswith("mf_vocab_sorted_by_") and "mf_vocab" in models:
+      comparison[f"{n}_minus_shuffled_ndcg@10"] = (
+          models[n]["ndcg@10"] - models["mf_vocab"]["ndcg@10"])
   results = {"dataset": protocol.dataset_name(data),
              "protocol": "leave-last-out",
              "num_users": test.num_users, "num_items": test.num_items,
@@ -154,7 +173,8 @@ def markdown(results: Dict[str, Any]) -> str:
                       for k in TABLE_KEYS) + " |",
            "|---" * (len(TABLE_KEYS) + 2) + "|"]
   for name, m in results["models"].items():
-    lines.append(f"| {name} | {m['validation_ndcg@10']:.4f} | " +
+    val = m["validation_ndcg@10"]
+    lines.append(f"| {name} | {'-' if val is None else f'{val:.4f}'} | " +
                  " | ".join(_cell(m, k) for k in TABLE_KEYS) + " |")
   lines.append("")
   for k, v in results["comparison"].items():
@@ -178,6 +198,9 @@ def _define_flags():
           "mf_params", "{}", "JSON overrides of protocol.MF_DEFAULTS."),
       "skip_sampled": flags.DEFINE_bool(
           "skip_sampled", False, "Leave out the sampled metrics (faster)."),
+      "sorted_orders": flags.DEFINE_list(
+          "sorted_orders", ["user"], "Also train MF (vocab) on the training "
+          "rows written in these orders (user, time); empty: none."),
   }
 
 
@@ -185,7 +208,8 @@ def main(argv, args):
   del argv
   run(args["data"].value, args["out"].value, args["seeds"].value,
       args["id_modes"].value, args["bins_multiple"].value,
-      json.loads(args["mf_params"].value), not args["skip_sampled"].value)
+      json.loads(args["mf_params"].value), not args["skip_sampled"].value,
+      tuple(args["sorted_orders"].value))
 
 
 if __name__ == "__main__":

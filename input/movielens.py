@@ -155,7 +155,8 @@ def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
     split: "none" (everything in ratings-*) or "leave_last_out" (train-*,
       validation-*, test-*; see leave_last_out).
     info: Extra entries for dataset.json (e.g. the source).
-    order: Row order within and across shards: "shuffled" (a seeded random
+    order: Row order of the training (or whole) set, within and across
+      shards: "shuffled" (a seeded random
       order, so that a reader that mixes rows over a window still sees the
       whole log mixed), "user" (by user, then time) or "time".
     seed: Seed of the shuffled order.
@@ -186,7 +187,8 @@ def write_splits(table: pa.Table, dst: str, num_shards: int = 4,
                                num_shards if c == TRAIN else 1)
              for c in (TRAIN, VALIDATION, TEST)}
   for name, (part, shards) in parts.items():
-    part = _reorder(part, order, seed)
+    if name in ("train", "ratings"):  # Held-out files keep log order.
+      part = _reorder(part, order, seed)
     paths = _write(part, os.path.join(dst, name), shards)
     splits[name] = {"rows": part.num_rows,
                     "files": [os.path.basename(p) for p in paths]}

@@ -143,12 +143,14 @@ class EndToEndTest(tf.test.TestCase):
   def test_quality_contract_and_mf_learns(self):
     out = os.path.join(self.get_temp_dir(), "quality")
     results = quality.run("synthetic", out, seeds=2, id_modes=["vocab"],
-                          mf_params={"epochs": 8, "batch_size": 256})
+                          mf_params={"epochs": 8, "batch_size": 256},
+                          sorted_orders=("user",))
     with open(os.path.join(out, "results.json")) as f:
       self.assertEqual(json.load(f), json.loads(json.dumps(results)))
     self.assertEqual(results["protocol"], "leave-last-out")
     self.assertEqual(set(results["models"]),
-                     {"popularity", "ease", "ials", "mf_vocab"})
+                     {"popularity", "ease", "ials", "mf_vocab",
+                      "mf_vocab_sorted_by_user"})
     for m in results["models"].values():
       for key in ("hr@10", "ndcg@10", "sampled_hr@10", "sampled_ndcg@10"):
         self.assertBetween(m[key], 0.0, 1.0)
@@ -162,6 +164,9 @@ class EndToEndTest(tf.test.TestCase):
     self.assertGreater(mf["ndcg@10"], 1.6 * models["popularity"]["ndcg@10"])
     self.assertGreater(mf["ndcg@10"], 1.15 * models["ease"]["ndcg@10"])
     self.assertGreater(mf["ndcg@10"], 0.9 * models["ials"]["ndcg@10"])
+    # The same rows sorted by user train as well as shuffled ones.
+    self.assertGreater(models["mf_vocab_sorted_by_user"]["ndcg@10"],
+                       0.9 * mf["ndcg@10"])
 
   def test_study_tables_plot_and_collisions(self):
     out = os.path.join(self.get_temp_dir(), "study")

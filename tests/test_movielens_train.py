@@ -36,7 +36,7 @@ class MovieLensTrainTest(tf.test.TestCase):
     cls.common = [f"--train_files={cls.data}/train-*",
                   f"--eval_files={cls.data}/test-*",
                   "--columns=user_id,item_id,rating,timestamp",
-                  "--num_negatives=4", "--epochs=2"]
+                  "--num_negatives=4", "--epochs=5"]
 
   def check_export(self, model_dir, export_dir):
     # User 1 and item 1 exist; user 99999 and item 77777 were never seen.
