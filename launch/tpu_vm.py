@@ -1,4 +1,4 @@
-"""Runs the trainer on a Cloud TPU VM through the gcloud CLI (or prints how).
+r"""Runs the trainer on a Cloud TPU VM through the gcloud CLI (or prints how).
 
   python -m launch.tpu_vm --project=P --zone=Z --accelerator=v5litepod-8 \
       [--spot] [--name=N] [--keep] [--dry_run] -- --train_files=gs://... ...
@@ -203,6 +203,7 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  """Flags -> TpuRequest -> the gcloud commands, printed or run."""
   f = flags.FLAGS
   request = TpuRequest(
       project=f.project or "", zone=f.zone or "", accelerator=f.accelerator,

@@ -1,4 +1,4 @@
-"""Submits the trainer to Vertex AI as a CustomJob (or prints it: --dry_run).
+r"""Submits the trainer to Vertex AI as a CustomJob (or prints it: --dry_run).
 
   python -m launch.vertex --project=P --region=R --staging_bucket=gs://B \
       --machine=a100x8 [--workers=N] [--parameter_servers=M] [--spot] \
@@ -117,10 +117,10 @@ def check(request: JobRequest) -> None:
   if request.machine not in MACHINES:
     raise ValueError(f"Unknown --machine={request.machine}; use one of "
                      f"{', '.join(sorted(MACHINES))}.")
-  if not request.staging_bucket.startswith("gs://"):
-    raise ValueError("--staging_bucket must be a gs:// path.")
   if not (request.project and request.region and request.job_name):
     raise ValueError("Set --project and --region.")
+  if not request.staging_bucket.startswith("gs://"):
+    raise ValueError("--staging_bucket must be a gs:// path.")
   if request.workers < 0 or request.parameter_servers < 0:
     raise ValueError("--workers and --parameter_servers must be >= 0.")
   if request.parameter_servers and not request.workers:
@@ -305,6 +305,7 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  """Flags -> JobRequest -> dry-run JSON, or upload and submit."""
   f = flags.FLAGS
   request = JobRequest(
       project=f.project or "", region=f.region or "",
