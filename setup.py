@@ -22,6 +22,12 @@ setuptools.setup(
         "google-cloud-storage==3.17.1",
     ],
     extras_require={
+        # Submitting jobs: `python -m launch.vertex` (the TPU VM launcher
+        # needs only the gcloud CLI).
+        "launch": [
+            "google-cloud-aiplatform==2.7.0",
+            "google-cloud-storage==3.17.1",
+        ],
         # Baselines and plots of the quality benchmarks.
         "bench": [
             "implicit==0.7.3",
@@ -30,6 +36,8 @@ setuptools.setup(
         ],
         "test": [
             "pytest==9.2.0",
+            # The launchers' golden tests build CustomJob protos.
+            "google-cloud-aiplatform==2.7.0",
             "implicit==0.7.3",
             "scipy==1.17.1",
             "matplotlib==3.11.2",

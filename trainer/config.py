@@ -9,7 +9,10 @@ LABEL_MODES = ("column", "threshold", "implicit")
 ID_MODES = ("hash", "vocab")
 OPTIMIZERS = ("adagrad", "sgd", "adam", "lazy_adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+# parameter_server is accepted (the Vertex AI launcher emits it for jobs with
+# parameter servers) but not implemented yet: make_strategy says so.
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu",
+              "parameter_server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +176,15 @@ class RuntimeConfig:
       mirrored strategy run, and be tested, on one CPU host).
     model_dir: Checkpoints, config.json, metrics.json and TensorBoard logs.
     export_dir: If set, the SavedModel and embedding tables go here.
+    tensorboard_dir: If set, TensorBoard events (train/, eval/) go here
+      instead of model_dir (on Vertex AI: AIP_TENSORBOARD_LOG_DIR).
   """
   strategy: str = "default"
   tpu: str = ""
   num_cpu_devices: int = 0
   model_dir: str = ""
   export_dir: str = ""
+  tensorboard_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ import os
 from absl import logging
 import tensorflow as tf
 
+from trainer import environment
+
 
 def make_strategy(runtime) -> tf.distribute.Strategy:
   """Builds the tf.distribute strategy a RuntimeConfig asks for.
@@ -16,7 +18,8 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
     The strategy; everything after this runs under its scope.
 
   Raises:
-    ValueError: For an unknown strategy name.
+    ValueError: For an unknown strategy name, or parameter_server (not
+      implemented yet).
   """
   if runtime.num_cpu_devices > 1:
     # Logical CPU devices let the mirrored strategy run (and be tested) on one
@@ -37,7 +40,12 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
       devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices)
   elif name == "multi_worker":
+    # On Vertex AI the cluster may come as CLUSTER_SPEC only.
+    environment.export_tf_config(os.environ)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  elif name == "parameter_server":
+    raise ValueError("--strategy=parameter_server is not supported yet; use "
+                     "multi_worker (several workers, no parameter servers).")
   elif name == "tpu":
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu="" if runtime.tpu == "local" else runtime.tpu)

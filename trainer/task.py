@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from trainer import config as config_lib
+from trainer import environment
 
 _LIST = "comma-separated"
 
@@ -88,6 +89,8 @@ flags.DEFINE_integer("num_cpu_devices", None,
                      "Split the CPU into N logical devices (for mirrored).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, config.json, metrics.json.")
 flags.DEFINE_string("export_dir", None, "SavedModel and embedding tables.")
+flags.DEFINE_string("tensorboard_dir", None,
+                    "TensorBoard events (default: --model_dir).")
 flags.DEFINE_string("work_dir", "work/demo", "Demo data and outputs (demo only).")
 
 FLAGS = flags.FLAGS
@@ -104,7 +107,7 @@ _SECTIONS = {
               "lr_schedule", "seed",
               "checkpoint_every_steps", "log_every_steps"],
     "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
-                "export_dir"],
+                "export_dir", "tensorboard_dir"],
 }
 _TABLE_FLAGS = {"embedding_optimizer": "optimizer",
                 "embedding_learning_rate": "learning_rate",
@@ -127,6 +130,8 @@ def config_from_flags() -> config_lib.Config:
   sections = {
       s: {n: _given(n) for n in names if _given(n) is not None}
       for s, names in _SECTIONS.items()}
+  # Unset folders come from the platform (Vertex AI's AIP_* variables).
+  sections["runtime"] = environment.apply_defaults(sections["runtime"])
   if (FLAGS.num_negatives and FLAGS.label_mode is None):
     sections["data"]["label_mode"] = "implicit"
   config = config_lib.replace(config, **sections)

@@ -21,6 +21,7 @@ import tf_keras
 from input import csv_dataset
 from trainer import config as config_lib
 from trainer import embedding
+from trainer import environment
 from trainer import export
 from trainer import model as model_lib
 from trainer import strategy as strategy_lib
@@ -215,7 +216,7 @@ def train_and_evaluate(config) -> Dict[str, Any]:
           negative_catalog=data.negative_catalog or vocab))
   progress = _Progress(start_step, total_steps, examples_per_step,
                        train.log_every_steps, train.checkpoint_every_steps,
-                       manager, write_dir)
+                       manager, environment.summary_dir(runtime, write_dir))
   t0 = time.time()
   try:
     if start_step < total_steps:
@@ -271,7 +272,8 @@ def _evaluate(model, config, files, stats, on_tpu, negative_catalog: str,
       seed=config.train.seed + 1, drop_remainder=on_tpu, stats=stats,
       negative_catalog=negative_catalog)
   results = model.evaluate(eval_ds, return_dict=True, verbose=0)
-  writer = tf.summary.create_file_writer(os.path.join(write_dir, "eval"))
+  writer = tf.summary.create_file_writer(os.path.join(
+      environment.summary_dir(config.runtime, write_dir), "eval"))
   with writer.as_default(step=int(model.optimizer.iterations.numpy())):
     for k, v in results.items():
       tf.summary.scalar(k, v)
