@@ -28,7 +28,7 @@ import itertools
 import os
 import re
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 from isal import isal_zlib as zlib  # ISA-L inflate: zlib's API, ~2x faster.
@@ -682,7 +682,9 @@ class FileScan:
 
 
 def scan_files(data, files: Sequence[str], stats: Optional[RowStats] = None,
-               threads: int = 2) -> Dict[str, FileScan]:
+               threads: int = 2,
+               observe: Optional[Callable[[Dict[str, np.ndarray]], None]] = None
+               ) -> Dict[str, FileScan]:
   """Counts the usable rows of each file and how sorted it is, in one pass.
 
   The pass parses every row exactly as training will, so a malformed row or a
@@ -693,6 +695,8 @@ def scan_files(data, files: Sequence[str], stats: Optional[RowStats] = None,
     files: Shards to scan.
     stats: Counts skipped rows too (with bad_rows="skip").
     threads: Files read at once (the parser releases the GIL).
+    observe: Called with each parsed block, {column: values}, e.g. to count
+      IDs for a vocabulary in the same pass (from several threads).
 
   Returns:
     {path: FileScan}, in the order of `files`.
@@ -706,6 +710,8 @@ def scan_files(data, files: Sequence[str], stats: Optional[RowStats] = None,
   def scan(path):
     rows, pairs, ordered = 0, 0, dict.fromkeys(order_columns, 0)
     for cols in reader.read(path):
+      if observe is not None:
+        observe(dict(zip(names, cols)))
       rows += len(cols[0])
       pairs += max(0, len(cols[0]) - 1)
       for c in order_columns:

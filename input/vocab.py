@@ -9,8 +9,8 @@ the user and item columns, and OUT/vocab.json with sizes and coverage.
 
 import json
 import os
+import threading
 import time
-from concurrent import futures
 from typing import Dict, Sequence, Tuple
 
 from absl import app, flags, logging
@@ -50,6 +50,23 @@ class _Counter:
     return self.ids, self.counts
 
 
+class IdCounts:
+  """Counts of the user and item IDs of parsed blocks; safe across threads.
+
+  Pass `add` to `csv_dataset.scan_files` so that the vocabulary comes from
+  the same pass that counts rows.
+  """
+
+  def __init__(self, columns: Sequence[str]):
+    self._lock = threading.Lock()
+    self.counters = {c: _Counter() for c in columns}
+
+  def add(self, block: Dict[str, np.ndarray]) -> None:
+    with self._lock:
+      for c, counter in self.counters.items():
+        counter.add(block[c])
+
+
 def build(data, files: Sequence[str], out_dir: str, *, min_count: int = 1,
           max_size: int = 0, threads: int = 2) -> Dict[str, dict]:
   """Counts user and item IDs in `files` and writes the vocabulary files.
@@ -65,48 +82,50 @@ def build(data, files: Sequence[str], out_dir: str, *, min_count: int = 1,
   Returns:
     {column: summary}, also written to out_dir/vocab.json.
   """
-  columns = list(data.id_columns)
   stats = csv_dataset.RowStats()
-  reader = csv_dataset.ShardReader(
-      data.columns, data.column_types, columns, data.delimiter, data.header,
-      data.bad_rows, data.block_bytes, stats)
-  counters = {c: _Counter() for c in columns}
+  counts = IdCounts(data.id_columns)
   t0 = time.time()
+  csv_dataset.scan_files(data, files, stats, threads, observe=counts.add)
+  logging.info("Vocabulary: %d files, %d rows, %.0f rows/s.", len(files),
+               stats.rows, stats.rows / max(time.time() - t0, 1e-9))
+  if stats.skipped:
+    logging.warning("Skipped %d malformed rows.", stats.skipped)
+  return write(counts, out_dir, min_count=min_count, max_size=max_size)
 
-  def read(path):
-    return list(reader.read(path))
 
-  with futures.ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-    # map() keeps file order, so the output does not depend on timing.
-    for done, blocks in enumerate(pool.map(read, files), 1):
-      for block in blocks:
-        for c, values in zip(columns, block):
-          counters[c].add(values)
-      logging.info("Vocabulary: %d/%d files, %d rows, %.0f rows/s.", done,
-                   len(files), stats.rows, stats.rows / (time.time() - t0))
+def write(counts: IdCounts, out_dir: str, *, min_count: int = 1,
+          max_size: int = 0) -> Dict[str, dict]:
+  """Writes OUT/<column>.txt (most frequent first) and OUT/vocab.json.
 
+  Args:
+    counts: The IDs counted.
+    out_dir: Output folder (local or gs://).
+    min_count: IDs seen fewer times are left out (they share OOV rows).
+    max_size: Keep at most this many IDs per column (0: no limit).
+
+  Returns:
+    {column: summary}, also written to out_dir/vocab.json.
+  """
   tf.io.gfile.makedirs(out_dir)
   summary = {}
-  for c in columns:
-    ids, counts = counters[c].result()
-    order = np.lexsort((ids, -counts))  # Most frequent first, ties by ID.
-    ids, counts = ids[order], counts[order]
-    keep = counts >= min_count
+  for c, counter in counts.counters.items():
+    ids, counts_ = counter.result()
+    order = np.lexsort((ids, -counts_))  # Most frequent first, ties by ID.
+    ids, counts_ = ids[order], counts_[order]
+    keep = counts_ >= min_count
     if max_size:
       keep &= np.arange(len(ids)) < max_size
     path = os.path.join(out_dir, f"{c}.txt")
     with tf.io.gfile.GFile(path, "w") as f:
       f.write("".join(f"{x}\n" for x in ids[keep].tolist()))
-    total = int(counts.sum())
+    total = int(counts_.sum())
     summary[c] = {
         "file": path, "size": int(keep.sum()), "distinct": int(len(ids)),
         "rows": total, "min_count": min_count, "max_size": max_size,
-        "coverage": float(counts[keep].sum() / total) if total else 0.0}
+        "coverage": float(counts_[keep].sum() / total) if total else 0.0}
     logging.info("%s: %d of %d distinct IDs kept, covering %.2f%% of rows -> %s",
                  c, summary[c]["size"], len(ids), 100 * summary[c]["coverage"],
                  path)
-  if stats.skipped:
-    logging.warning("Skipped %d malformed rows.", stats.skipped)
   with tf.io.gfile.GFile(os.path.join(out_dir, "vocab.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary

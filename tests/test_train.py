@@ -222,6 +222,42 @@ class StrategyAndFailureTest(tf.test.TestCase):
       self.assertEqual(json.load(f)["train_rows_skipped"], 3)
     self.assertIn("Skipped 3 malformed rows", log)
 
+  def test_vocab_mode_builds_its_vocabulary_in_the_counting_pass(self):
+    model_dir = f"{self.dir}/v"
+    flags = [*self.common, "--id_mode=vocab", "--min_count=100",
+             f"--model_dir={model_dir}"]
+    code, log = run_task(*flags, "--train_steps=20")
+    self.assertEqual(code, 0, log[-3000:])
+    self.assertIn("Built vocabularies in the counting pass (min_count 100)",
+                  log)
+    users, items = [], []
+    for path in tf.io.gfile.glob(f"{self.data}/train-*"):
+      with gzip.open(path, "rt") as f:
+        for line in f:
+          u, i = line.split(",")[:2]
+          users.append(int(u))
+          items.append(int(i))
+    for column, ids in (("user_id", users), ("item_id", items)):
+      counts = np.bincount(ids)
+      kept = np.flatnonzero(counts >= 100)
+      with open(f"{model_dir}/vocab/{column}.txt") as f:
+        vocab = [int(x) for x in f.read().split()]
+      self.assertCountEqual(vocab, kept)
+      # Most frequent first.
+      self.assertTrue(np.all(np.diff(counts[vocab]) <= 0))
+      self.assertIn(f"{column}: vocabulary of {len(kept)} IDs", log)
+    # Item counts are Zipf-like: some items fall under min_count.
+    self.assertLess(len(np.flatnonzero(np.bincount(items) >= 100)),
+                    len(np.unique(items)))
+    code, log = run_task(*flags, "--train_steps=40")
+    self.assertEqual(code, 0, log[-3000:])
+    self.assertIn("Resumed from", log)
+    self.assertIn("Reusing the vocabularies this run built", log)
+    code, log = run_task(*self.common, "--id_mode=vocab", "--min_count=1000000",
+                         f"--model_dir={self.dir}/v0")
+    self.assertNotEqual(code, 0)
+    self.assertIn("keeps none of the 500 user_id IDs; lower it", log)
+
   def test_changed_model_settings_refuse_to_resume(self):
     code, _ = run_task(*self.common, "--train_steps=5",
                        f"--model_dir={self.dir}/c")

@@ -121,9 +121,13 @@ class ModelConfig:
     embedding_dim: Latent factors per row; each table row has one more slot,
       the bias.
     tables: One TableConfig per ID feature (user first, item second).
+    min_count: Vocab mode, for tables without a vocabulary file: the run
+      builds one from the training files in its counting pass, keeping IDs
+      seen at least this often (the rest share the OOV rows).
   """
   id_mode: str = "hash"
   embedding_dim: int = 32
+  min_count: int = 1
   tables: Tuple[TableConfig, ...] = (TableConfig("user_id", salt=1),
                                      TableConfig("item_id", salt=2))
 
@@ -279,6 +283,7 @@ def validate(config: Config) -> Config:
          t.batch_size, d.num_negatives)
   _check(m.id_mode in ID_MODES, "--id_mode must be one of %s.", ID_MODES)
   _check(m.embedding_dim > 0, "--embedding_dim must be positive.")
+  _check(m.min_count >= 1, "--min_count must be >= 1.")
   _check([tb.feature for tb in m.tables] == list(d.id_columns),
          "Tables %s must match the ID columns %s.",
          [tb.feature for tb in m.tables], d.id_columns)
@@ -291,9 +296,6 @@ def validate(config: Config) -> Config:
       _check(tb.num_hashes >= 1, "Table %s: --num_hashes must be >= 1.",
              tb.feature)
     else:
-      _check(bool(tb.vocab_file),
-             "Table %s: --id_mode=vocab needs a vocabulary file (build one with "
-             "`python -m input.vocab`).", tb.feature)
       _check(tb.num_oov >= 1, "Table %s: --num_oov must be >= 1.", tb.feature)
   _check(t.batch_size > 0 and t.eval_batch_size > 0, "Batch sizes must be > 0.")
   _check(t.epochs > 0 or t.train_steps > 0,

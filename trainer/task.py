@@ -56,8 +56,12 @@ flags.DEFINE_integer("item_num_bins", None, "Overrides --num_bins for items.")
 flags.DEFINE_string("user_vocab", None, "User vocabulary file (vocab mode).")
 flags.DEFINE_string("item_vocab", None, "Item vocabulary file (vocab mode).")
 flags.DEFINE_string("vocab_dir", None, "Folder with <column>.txt vocabularies "
-                    "from `python -m input.vocab` (vocab mode).")
+                    "from `python -m input.vocab` (vocab mode; without it the "
+                    "run builds them in MODEL_DIR/vocab).")
 flags.DEFINE_integer("num_oov", None, "OOV rows per table (vocab mode).")
+flags.DEFINE_integer("min_count", None,
+                     "Vocab mode without --vocab_dir: the run builds the "
+                     "vocabularies, keeping IDs seen at least this often.")
 flags.DEFINE_integer("embedding_dim", None, "Latent factors (plus a bias slot).")
 flags.DEFINE_enum("embedding_optimizer", None, config_lib.OPTIMIZERS,
                   "Optimizer of every table.")
@@ -101,7 +105,7 @@ _SECTIONS = {
              "label_column", "label_threshold", "num_negatives",
              "negative_catalog", "shuffle_buffer_rows", "files_in_flight",
              "time_column", "bad_rows"],
-    "model": ["id_mode", "embedding_dim"],
+    "model": ["id_mode", "embedding_dim", "min_count"],
     "train": ["batch_size", "eval_batch_size", "epochs", "train_steps",
               "steps_per_execution", "optimizer", "learning_rate",
               "lr_schedule", "seed",

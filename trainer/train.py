@@ -19,6 +19,7 @@ import tensorflow as tf
 import tf_keras
 
 from input import csv_dataset
+from input import vocab as vocab_lib
 from trainer import config as config_lib
 from trainer import embedding
 from trainer import environment
@@ -90,33 +91,62 @@ def _check_same_run(model_dir: str, config) -> None:
           f"({'; '.join(diff)}). Use a new --model_dir, or the same flags.")
 
 
-def _scan_training_files(config, files, model_dir: str,
-                         stats) -> Dict[str, csv_dataset.FileScan]:
-  """Rows and order of each training file: one pass, cached in model_dir.
+def _scan_training_files(config, files, model_dir: str, stats):
+  """Rows and order of each training file, in one pass cached in model_dir.
 
-  The pass also stops a run on bad data before training, and warns when a
+  The pass also stops a run on bad data before training and warns when a
   file is sorted (by user or time) beyond what the mixing buffer can mix.
+  With --id_mode=vocab and no vocabulary given, the same pass counts the IDs
+  and writes the vocabularies (min_count) to model_dir/vocab/, which a
+  resumed run reuses.
+
+  Returns:
+    ({path: FileScan}, the config, pointing at the vocabularies built here).
   """
+  model = config.model
+  missing = [t.feature for t in model.tables
+             if model.id_mode == "vocab" and not t.vocab_file]
+  vocab_dir = os.path.join(model_dir, "vocab")
   cache = os.path.join(model_dir, "data_stats.json")
   sizes = {f: tf.io.gfile.stat(f).length for f in files}
   scans = None
-  if tf.io.gfile.exists(cache):
+  if tf.io.gfile.exists(cache) and (
+      not missing or tf.io.gfile.exists(os.path.join(vocab_dir, "vocab.json"))):
     with tf.io.gfile.GFile(cache) as f:
       cached = json.load(f)
     if cached.get("sizes") == sizes and "scans" in cached:
       scans = {k: csv_dataset.FileScan(**v) for k, v in cached["scans"].items()}
   if scans is None:
     t0 = time.time()
-    scans = csv_dataset.scan_files(config.data, files, stats)
+    counts = vocab_lib.IdCounts(missing) if missing else None
+    scans = csv_dataset.scan_files(config.data, files, stats,
+                                   observe=counts.add if counts else None)
     logging.info("Counted %d rows in %d files (%.1fs).",
                  sum(s.rows for s in scans.values()), len(files),
                  time.time() - t0)
+    if counts:
+      summary = vocab_lib.write(counts, vocab_dir, min_count=model.min_count)
+      for column, entry in summary.items():
+        if not entry["size"]:
+          raise ValueError(
+              f"--min_count={model.min_count} keeps none of the "
+              f"{entry['distinct']} {column} IDs; lower it.")
+      logging.info("Built vocabularies in the counting pass (min_count %d): "
+                   "%s.", model.min_count, vocab_dir)
     with tf.io.gfile.GFile(cache, "w") as f:
       json.dump({"sizes": sizes, "scans": {k: dataclasses.asdict(v)
                                            for k, v in scans.items()}}, f)
+  elif missing:
+    logging.info("Reusing the vocabularies this run built: %s.", vocab_dir)
   for message in csv_dataset.order_warnings(config.data, scans):
     logging.warning("%s", message)
-  return scans
+  if missing:
+    tables = tuple(
+        dataclasses.replace(t, vocab_file=os.path.join(vocab_dir,
+                                                       f"{t.feature}.txt"))
+        if t.feature in missing else t for t in model.tables)
+    config = config_lib.replace(config, model={"tables": tables})
+  return scans, config
 
 
 def _input_error(e: tf.errors.OpError) -> Exception:
@@ -153,9 +183,6 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   if export_dir and write_dir != model_dir:
     export_dir = os.path.join(write_dir, "export")
   tf.io.gfile.makedirs(write_dir)
-  _check_same_run(model_dir, config)
-  with tf.io.gfile.GFile(os.path.join(write_dir, "config.json"), "w") as f:
-    f.write(config.to_json())
 
   train_files = csv_dataset.resolve_files(data.train_files)
   eval_files = (csv_dataset.resolve_files(data.eval_files)
@@ -166,7 +193,11 @@ def train_and_evaluate(config) -> Dict[str, Any]:
     logging.info("Evaluation files: %d.", len(eval_files))
 
   train_stats, eval_stats = csv_dataset.RowStats(), csv_dataset.RowStats()
-  scans = _scan_training_files(config, train_files, write_dir, train_stats)
+  scans, config = _scan_training_files(config, train_files, write_dir,
+                                       train_stats)
+  _check_same_run(model_dir, config)
+  with tf.io.gfile.GFile(os.path.join(write_dir, "config.json"), "w") as f:
+    f.write(config.to_json())
   replicas = strategy.num_replicas_in_sync
   layout = csv_dataset.batch_layout(data, train.batch_size // replicas)
   # A step takes one batch per replica; an epoch is a pass over the rows.
