@@ -7,6 +7,7 @@ Writes OUT/<column>.txt (one ID per line, most frequent first, ties by ID) for
 the user and item columns, and OUT/vocab.json with sizes and coverage.
 """
 
+import dataclasses
 import json
 import os
 import threading
@@ -84,6 +85,8 @@ def build(data, files: Sequence[str], out_dir: str, *, min_count: int = 1,
   """
   stats = csv_dataset.RowStats()
   counts = IdCounts(data.id_columns)
+  # Only the ID columns are read: the files need no label column.
+  data = dataclasses.replace(data, label_mode="implicit")
   t0 = time.time()
   csv_dataset.scan_files(data, files, stats, threads, observe=counts.add)
   logging.info("Vocabulary: %d files, %d rows, %.0f rows/s.", len(files),
