@@ -83,7 +83,7 @@ class FlagsTest(tf.test.TestCase):
     for fields, message in (
         (dict(data=dict(num_negatives=2)), "needs --label_mode=implicit"),
         (dict(data=dict(columns=("a", "b"))), "has 2 names but"),
-        (dict(model=dict(id_mode="vocab")), "python -m input.vocab"),
+        (dict(model=dict(id_mode="vocab", min_count=0)), "--min_count"),
         (dict(runtime=dict(strategy="tpu")), "needs --tpu"),
     ):
       with self.assertRaisesRegex(ValueError, message):
