@@ -1,6 +1,7 @@
 """Input and training throughput, side by side in one run, against the tutorial way.
 
-  python -m benchmarks.throughput [--rows=20000000] [--out=work/throughput]
+  python -m benchmarks.throughput [--rows=20000000] [--out=work/throughput] \
+      [--baseline_checkout=../old]
 
 Generates an ML-20M-shaped log (8 gz shards; 138,493 users, 26,744 Zipf-popular
 items; `user_id,item_id,label,timestamp`) if absent, plus a 2M-row copy for the
@@ -31,6 +32,11 @@ _TUTORIAL_ROWS = flags.DEFINE_integer(
     "tutorial_rows", 1_000_000, "Rows the (slow) tutorial pipeline reads.")
 _TUTORIAL_EXAMPLES = flags.DEFINE_integer(
     "tutorial_examples", 1_000_000, "Examples the Keras-Adam configs train on.")
+_BASELINE = flags.DEFINE_string(
+    "baseline_checkout", None,
+    "Another checkout of this project (e.g. `git worktree add ../old REV`): "
+    "its input pipeline and trainer.task are measured in the same run, right "
+    "after ours, and the ratios reported.")
 _MEASURE = flags.DEFINE_string("measure", None, "Internal: one measurement.")
 _DATA = flags.DEFINE_string("data", None, "Internal: shard folder.")
 _ARG = flags.DEFINE_string("arg", "", "Internal: measurement argument.")
@@ -201,26 +207,27 @@ def measure(name: str, folder: str, arg: str) -> dict:
   raise ValueError(name)
 
 
-def _child(name, folder, arg=""):
-  """Runs `measure` in a fresh process; adds its peak RSS."""
+def _child(name, folder, arg="", cwd=None):
+  """Runs `measure` in a fresh process (of the checkout at cwd); adds its peak RSS."""
   cmd = [sys.executable, "-m", "benchmarks.throughput", f"--measure={name}",
          f"--data={folder}", f"--arg={arg}"]
-  out = subprocess.run(cmd, capture_output=True, text=True)
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
   if out.returncode:
     raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _trainer_e2e(folder, work):
-  """`python -m trainer.task` on the shards, one epoch, batch 4096, Adagrad."""
-  model_dir = tempfile.mkdtemp(dir=work)
+def _trainer_e2e(folder, work, cwd=None):
+  """`python -m trainer.task` (of the checkout at cwd) on the shards, one epoch,
+  batch 4096, Adagrad."""
+  model_dir = tempfile.mkdtemp(dir=os.path.abspath(work))
   cmd = [sys.executable, "-m", "trainer.task", f"--train_files={folder}/*.gz",
          f"--model_dir={model_dir}", f"--num_bins={TABLE_ROWS}",
          f"--embedding_dim={DIM}", "--batch_size=4096", "--epochs=1",
          "--embedding_optimizer=adagrad", "--log_every_steps=1000",
          "--checkpoint_every_steps=1000000000"]
   t0 = time.time()
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=cwd,
                           stderr=subprocess.PIPE, text=True)
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.time() - t0
@@ -245,7 +252,8 @@ def _zcat(files, processes):
 
 # ------------------------------------------------------------------ report.
 
-def run(rows, small_rows, out, tutorial_rows, tutorial_examples) -> dict:
+def run(rows, small_rows, out, tutorial_rows, tutorial_examples,
+        baseline=None) -> dict:
   """All measurements, one after another, on an otherwise idle machine."""
   big = ensure_log(os.path.join(out, f"rows{rows}"), rows)
   small = ensure_log(os.path.join(out, f"rows{small_rows}"), small_rows)
@@ -257,6 +265,9 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples) -> dict:
   for name, arg in (("input_tutorial", tutorial_rows), ("input_ours", "")):
     logging.info("%s ...", name)
     r[name] = _child(name, big, arg)
+  if baseline:
+    logging.info("input of %s ...", baseline)
+    r["input_baseline"] = _child("input_ours", big, "", cwd=baseline)
   # (kind, optimizer, batch, examples): the tutorial's Keras Adam is slow,
   # so it trains on fewer examples; rates do not depend on the count.
   for kind, opt, batch, examples in (
@@ -273,6 +284,9 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples) -> dict:
   r["e2e_tutorial"] = _child("e2e_tutorial", big, tutorial_examples)
   logging.info("trainer end to end on %d rows ...", rows)
   r["e2e_ours"] = _trainer_e2e(big, out)
+  if baseline:
+    logging.info("trainer of %s end to end on %d rows ...", baseline, rows)
+    r["e2e_baseline"] = _trainer_e2e(big, out, cwd=baseline)
   logging.info("trainer end to end on %d rows ...", small_rows)
   r["e2e_ours_small"] = _trainer_e2e(small, out)
   return r
@@ -311,6 +325,16 @@ def report(r, rows, small_rows) -> dict:
   row(f"end to end, trainer.task ({small_rows:,} rows)",
       r["e2e_ours_small"]["ex_per_s"], "ex", "",
       r["e2e_ours_small"]["peak_rss_bytes"])
+  if "e2e_baseline" in r:
+    base_in = r["input_baseline"]["rows_per_s"]
+    base_e2e = r["e2e_baseline"]["ex_per_s"]
+    row("baseline checkout: input pipeline", base_in, "rows",
+        f"ours {r['input_ours']['rows_per_s'] / base_in:.2f}x",
+        r["input_baseline"]["peak_rss_bytes"])
+    row(f"baseline checkout: trainer.task ({rows:,} rows)", base_e2e, "ex",
+        f"ours {e2e / base_e2e:.2f}x", r["e2e_baseline"]["peak_rss_bytes"])
+    lines.append(f"{'':<44} wall: ours {r['e2e_ours']['wall_s']:.1f} s, "
+                 f"baseline {r['e2e_baseline']['wall_s']:.1f} s")
   lines.append("")
   lines.append(f"input / zcat-2: {r['input_ours']['rows_per_s'] / z2:.2f} "
                "(bar >= 0.5)")
@@ -345,7 +369,7 @@ def main(argv):
     return
   os.makedirs(_OUT.value, exist_ok=True)
   r = run(_ROWS.value, _SMALL_ROWS.value, _OUT.value, _TUTORIAL_ROWS.value,
-          _TUTORIAL_EXAMPLES.value)
+          _TUTORIAL_EXAMPLES.value, _BASELINE.value)
   summary = report(r, _ROWS.value, _SMALL_ROWS.value)
   path = os.path.join(_OUT.value, "throughput.json")
   with open(path, "w") as f:
