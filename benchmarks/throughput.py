@@ -1,4 +1,4 @@
-"""Input and training throughput, side by side in one run, against the tutorial way.
+r"""Input and training throughput, side by side in one run, against the tutorial way.
 
   python -m benchmarks.throughput [--rows=20000000] [--out=work/throughput] \
       [--baseline_checkout=../old]
