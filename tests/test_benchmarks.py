@@ -143,7 +143,8 @@ class EndToEndTest(tf.test.TestCase):
   def test_quality_contract_and_mf_learns(self):
     out = os.path.join(self.get_temp_dir(), "quality")
     results = quality.run("synthetic", out, seeds=2, id_modes=["vocab"],
-                          mf_params={"epochs": 8, "batch_size": 256},
+                          mf_params={"epochs": 8, "batch_size": 1024,
+                                     "num_negatives": 8},
                           sorted_orders=("user",))
     with open(os.path.join(out, "results.json")) as f:
       self.assertEqual(json.load(f), json.loads(json.dumps(results)))
@@ -163,6 +164,7 @@ class EndToEndTest(tf.test.TestCase):
     models = results["models"]
     self.assertGreater(mf["ndcg@10"], 1.6 * models["popularity"]["ndcg@10"])
     self.assertGreater(mf["ndcg@10"], 1.15 * models["ease"]["ndcg@10"])
+    print({k: round(v["ndcg@10"], 4) for k, v in models.items()})
     self.assertGreater(mf["ndcg@10"], 0.9 * models["ials"]["ndcg@10"])
     # The same rows sorted by user train as well as shuffled ones.
     self.assertGreater(models["mf_vocab_sorted_by_user"]["ndcg@10"],
