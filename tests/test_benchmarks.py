@@ -160,13 +160,13 @@ class EndToEndTest(tf.test.TestCase):
     self.assertEqual(mf["seeds"], 2)
     self.assertIn(results["models"]["ease"]["params"]["l2"], quality.EASE_GRID)
     # The planted affinity is personal: MF must rank far above popularity
-    # (2.2x when measured) and EASE (1.56x), and on par with iALS (0.99x).
+    # (2.08x when measured) and EASE (1.48x), and on par with iALS (0.94x).
     models = results["models"]
     self.assertGreater(mf["ndcg@10"], 1.6 * models["popularity"]["ndcg@10"])
     self.assertGreater(mf["ndcg@10"], 1.15 * models["ease"]["ndcg@10"])
-    print({k: round(v["ndcg@10"], 4) for k, v in models.items()})
     self.assertGreater(mf["ndcg@10"], 0.9 * models["ials"]["ndcg@10"])
-    # The same rows sorted by user train as well as shuffled ones.
+    # The same rows sorted by user train as well as shuffled ones (measured:
+    # 0.2668 against 0.2652).
     self.assertGreater(models["mf_vocab_sorted_by_user"]["ndcg@10"],
                        0.9 * mf["ndcg@10"])
 
