@@ -180,6 +180,9 @@ class RuntimeConfig:
       mirrored strategy run, and be tested, on one CPU host).
     model_dir: Checkpoints, config.json, metrics.json and TensorBoard logs.
     export_dir: If set, the SavedModel and embedding tables go here.
+    lock_timeout_secs: The run holds model_dir/RUN_LOCK, renewed every quarter
+      of this; a second run is refused until the holder has not renewed it
+      for this long (or, on the same host, its pid is gone).
     tensorboard_dir: If set, TensorBoard events (train/, eval/) go here
       instead of model_dir (on Vertex AI: AIP_TENSORBOARD_LOG_DIR).
   """
@@ -189,6 +192,7 @@ class RuntimeConfig:
   model_dir: str = ""
   export_dir: str = ""
   tensorboard_dir: str = ""
+  lock_timeout_secs: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)

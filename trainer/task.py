@@ -95,6 +95,10 @@ flags.DEFINE_string("model_dir", None, "Checkpoints, config.json, metrics.json."
 flags.DEFINE_string("export_dir", None, "SavedModel and embedding tables.")
 flags.DEFINE_string("tensorboard_dir", None,
                     "TensorBoard events (default: --model_dir).")
+flags.DEFINE_float("lock_timeout_secs", None,
+                   "A second run on the same --model_dir is refused while the "
+                   "first renews its lease; a holder silent this long is "
+                   "taken over.")
 flags.DEFINE_string("work_dir", "work/demo", "Demo data and outputs (demo only).")
 
 FLAGS = flags.FLAGS
@@ -111,7 +115,7 @@ _SECTIONS = {
               "lr_schedule", "seed",
               "checkpoint_every_steps", "log_every_steps"],
     "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
-                "export_dir", "tensorboard_dir"],
+                "export_dir", "lock_timeout_secs", "tensorboard_dir"],
 }
 _TABLE_FLAGS = {"embedding_optimizer": "optimizer",
                 "embedding_learning_rate": "learning_rate",
@@ -174,6 +178,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from input import synthetic  # pylint: disable=g-import-not-at-top
+  from trainer import run_lock  # pylint: disable=g-import-not-at-top
   from trainer import train  # pylint: disable=g-import-not-at-top
   config = config_from_flags()
   if not FLAGS.train_files:
@@ -185,7 +190,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   try:
     train.train_and_evaluate(config)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, run_lock.RunLockHeld) as e:
     # Bad flags or bad input: one clear line, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)

@@ -6,6 +6,7 @@ and skips the batches it already trained on, so it sees the same data in the
 same order as an uninterrupted run would.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ from trainer import embedding
 from trainer import environment
 from trainer import export
 from trainer import model as model_lib
+from trainer import run_lock
 from trainer import strategy as strategy_lib
 
 
@@ -183,7 +185,19 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   if export_dir and write_dir != model_dir:
     export_dir = os.path.join(write_dir, "export")
   tf.io.gfile.makedirs(write_dir)
+  # One writer per model_dir: the chief holds a lease for the whole run.
+  lease = (run_lock.RunLock(model_dir, runtime.lock_timeout_secs)
+           if write_dir == model_dir else contextlib.nullcontext())
+  with lease:
+    return _train_and_evaluate(config, strategy, write_dir, export_dir)
 
+
+def _train_and_evaluate(config, strategy, write_dir: str,
+                        export_dir: str) -> Dict[str, Any]:
+  """The run itself, on this worker, once the model_dir is held."""
+  data, train, runtime = config.data, config.train, config.runtime
+  on_tpu = strategy_lib.is_tpu(strategy)
+  model_dir = runtime.model_dir
   train_files = csv_dataset.resolve_files(data.train_files)
   eval_files = (csv_dataset.resolve_files(data.eval_files)
                 if data.eval_files else [])
