@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from trainer import config as config_lib
 from trainer import environment
+from trainer import export
 from trainer import strategy as strategy_lib
 from trainer import task  # Defines the trainer's flags.
 
@@ -162,7 +163,9 @@ class VertexRunTest(tf.test.TestCase):
         "AIP_CHECKPOINT_DIR", "AIP_MODEL_DIR", "AIP_TENSORBOARD_LOG_DIR"))
     self.assertTrue(tf.io.gfile.exists(os.path.join(ckpt, "metrics.json")))
     self.assertIsNotNone(tf.train.latest_checkpoint(ckpt))
-    self.assertTrue(tf.io.gfile.exists(os.path.join(model, "saved_model.pb")))
+    # A version folder, as TF Serving expects.
+    version = export.latest_version(model)
+    self.assertTrue(tf.io.gfile.exists(os.path.join(version, "saved_model.pb")))
     self.assertNotEmpty(tf.io.gfile.listdir(os.path.join(logs, "train")))
     self.assertNotEmpty(tf.io.gfile.listdir(os.path.join(logs, "eval")))
     self.assertFalse(tf.io.gfile.exists(os.path.join(ckpt, "train")))

@@ -11,6 +11,7 @@ from input import movielens
 from input import vocab
 from input import csv_dataset
 from trainer import config as config_lib
+from trainer import export
 from tests.test_train import REPO, run_task, score_saved_model, scores_from_checkpoint
 
 ML100K = os.environ.get(
@@ -41,7 +42,8 @@ class MovieLensTrainTest(tf.test.TestCase):
   def check_export(self, model_dir, export_dir):
     # User 1 and item 1 exist; user 99999 and item 77777 were never seen.
     users, items = [1, 1, 943, 99999], [1, 50, 1682, 77777]
-    reloaded = score_saved_model(export_dir, users, items)
+    reloaded = score_saved_model(export.latest_version(export_dir), users,
+                                 items)
     self.assertAllClose(reloaded,
                         scores_from_checkpoint(model_dir, users, items),
                         rtol=1e-6, atol=1e-7)

@@ -16,7 +16,9 @@ import tensorflow as tf
 
 from input import synthetic
 from trainer import config as config_lib
+from trainer import export
 from trainer import model as model_lib
+from trainer.train import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +97,7 @@ class DemoTest(tf.test.TestCase):
     cls.work = os.path.join(cls.get_temp_dir(cls()), "demo")
     cls.code, cls.log = run_task(f"--work_dir={cls.work}")
     cls.model_dir = os.path.join(cls.work, "model")
-    cls.export_dir = os.path.join(cls.work, "export")
+    cls.export_dir = export.latest_version(os.path.join(cls.work, "export"))
 
   def test_demo_learns_the_planted_signal(self):
     self.assertEqual(self.code, 0, self.log[-3000:])
@@ -118,6 +120,22 @@ class DemoTest(tf.test.TestCase):
                         scores_from_checkpoint(self.model_dir, users, items),
                         rtol=1e-6, atol=1e-7)
     self.assertAllInRange(reloaded, 0.0, 1.0)
+
+  def test_exports_are_new_versions_never_overwritten(self):
+    versions = os.path.join(self.work, "export")
+    self.assertEqual(os.listdir(versions),
+                     [os.path.basename(self.export_dir)])  # No temp folder.
+    with open(os.path.join(self.model_dir, "metrics.json")) as f:
+      self.assertEqual(json.load(f)["export_dir"], self.export_dir)
+    model = load_model(self.model_dir)
+    data = config_lib.load(os.path.join(self.model_dir, "config.json")).data
+    again = export.export_version(model, data, versions)
+    self.assertGreater(int(os.path.basename(again)),
+                       int(os.path.basename(self.export_dir)))
+    self.assertEqual(export.latest_version(versions), again)
+    self.assertCountEqual(os.listdir(versions),
+                          [os.path.basename(self.export_dir),
+                           os.path.basename(again)])
 
   def test_embedding_tables_are_exported(self):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,16 @@
-"""Exports: a SavedModel that scores raw IDs, and the tables as Parquet files."""
+"""Exports: a SavedModel that scores raw IDs, and the tables as Parquet files.
+
+Each export is a version, `EXPORT_DIR/<version>/` as TF Serving expects: an
+integer (Unix seconds, so the newest run is served), written under a
+temporary name and renamed only when complete. An existing version is never
+overwritten.
+"""
 
 import os
-from typing import Dict
+import re
+import time
+import uuid
+from typing import Dict, Optional
 
 from absl import logging
 import numpy as np
@@ -46,6 +55,45 @@ def export_saved_model(model, data, export_dir: str) -> str:
   logging.info("SavedModel written to %s (serving_default: %s, %s -> score).",
                export_dir, data.user_column, data.item_column)
   return export_dir
+
+
+def export_version(model, data, export_dir: str) -> str:
+  """Writes the SavedModel and the tables as a new version of export_dir.
+
+  Args:
+    model: A trained MatrixFactorization.
+    data: The DataConfig (ID column names and types).
+    export_dir: The folder of versions (local or gs://).
+
+  Returns:
+    The new version's folder, EXPORT_DIR/<version>.
+  """
+  tf.io.gfile.makedirs(export_dir)
+  version = int(time.time())
+  latest = latest_version(export_dir)
+  if latest is not None and int(os.path.basename(latest)) >= version:
+    version = int(os.path.basename(latest)) + 1
+  # TF Serving ignores folders whose names are not integers, so nothing
+  # reads the export before the rename makes it a version.
+  tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+  export_saved_model(model, data, tmp)
+  export_tables(model, tmp)
+  final = os.path.join(export_dir, str(version))
+  if tf.io.gfile.exists(final):
+    raise FileExistsError(f"{final} appeared while exporting; not "
+                          f"overwritten (the export is left in {tmp}).")
+  tf.io.gfile.rename(tmp, final)
+  logging.info("Export version %d: %s", version, final)
+  return final
+
+
+def latest_version(export_dir: str) -> Optional[str]:
+  """The newest complete version folder of export_dir, None if there is none."""
+  if not tf.io.gfile.isdir(export_dir):
+    return None
+  versions = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(export_dir)
+              if re.fullmatch(r"\d+/?", name)]
+  return os.path.join(export_dir, str(max(versions))) if versions else None
 
 
 def table_ids(lookup, num_rows: int) -> np.ndarray:

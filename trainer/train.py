@@ -289,10 +289,7 @@ def _train_and_evaluate(config, strategy, write_dir: str,
     logging.warning("Skipped %d malformed rows: %s", sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
   if export_dir:
-    tf.io.gfile.makedirs(export_dir)
-    export.export_saved_model(model, data, export_dir)
-    export.export_tables(model, export_dir)
-    summary["export_dir"] = runtime.export_dir
+    summary["export_dir"] = export.export_version(model, data, export_dir)
   with tf.io.gfile.GFile(os.path.join(write_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=2)
   if write_dir != model_dir:
