@@ -173,10 +173,9 @@ def train_and_evaluate(config) -> Dict[str, Any]:
     InputDataError: For a malformed row or a truncated shard (names the file).
   """
   config_lib.validate(config)
-  data, train, runtime = config.data, config.train, config.runtime
+  runtime = config.runtime
   # The strategy comes first: it sets up devices and collectives.
   strategy = strategy_lib.make_strategy(runtime)
-  on_tpu = strategy_lib.is_tpu(strategy)
   model_dir = runtime.model_dir
   # Every worker writes (checkpoints need all of them); only the chief's
   # files land in model_dir.
