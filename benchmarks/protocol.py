@@ -201,8 +201,8 @@ def _written_order(folder: str) -> Optional[str]:
 
 def index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
   """Position of each of `ids` in `sorted_ids`, -1 where absent."""
-  pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-  return np.where(sorted_ids[pos] == ids, pos, -1)
+  from trainer import ranking_metrics  # pylint: disable=g-import-not-at-top
+  return ranking_metrics.index_of(sorted_ids, ids)
 
 
 def evaluate(score_fn: Callable[[np.ndarray], np.ndarray], split: Split,

@@ -284,11 +284,13 @@ def _load_catalog(path: str, dtype: str) -> np.ndarray:
 
 
 def _reader(data, stats: RowStats, extra: Sequence[str] = ()) -> ShardReader:
-  """A reader of the columns a DataConfig uses: user, item, maybe label."""
+  """A reader of the columns a DataConfig uses: user, item, maybe label,
+  then its feature columns (then `extra`)."""
   wanted = [data.user_column, data.item_column]
   if data.label_mode != "implicit":
     wanted.append(data.label_column)
-  wanted += [c for c in extra if c not in wanted]
+  wanted += [c for c in tuple(data.feature_columns) + tuple(extra)
+             if c not in wanted]
   return ShardReader(data.columns, data.column_types, wanted, data.delimiter,
                      data.header, data.bad_rows, data.block_bytes, stats)
 
@@ -332,19 +334,20 @@ def batch_layout(data, per_replica_batch: int) -> BatchLayout:
 
 
 def _labelled(data, path: str, cols) -> Tuple[np.ndarray, ...]:
-  """(user, item, label float32) of a parsed block."""
+  """(user, item, label float32, *feature columns) of a parsed block."""
   user, item = cols[0], cols[1]
   if data.label_mode == "implicit":
-    return user, item, np.ones(len(user), np.float32)
-  value = cols[2]
+    return (user, item, np.ones(len(user), np.float32), *cols[2:])
+  value, extra = cols[2], cols[3:]
   if data.label_mode == "threshold":
-    return user, item, (value >= data.label_threshold).astype(np.float32)
+    return (user, item, (value >= data.label_threshold).astype(np.float32),
+            *extra)
   if len(value) and (value.min() < 0 or value.max() > 1):
     raise InputDataError(
         f"{path}: label column {data.label_column!r} must hold 0/1 values, "
         f"found {value.max() if value.max() > 1 else value.min()}; use "
         "--label_mode=threshold for ratings.")
-  return user, item, value.astype(np.float32)
+  return (user, item, value.astype(np.float32), *extra)
 
 
 def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
@@ -551,7 +554,7 @@ class _BatchStream:
     state["chunk"] += 1
     if state["batch"] <= self._skip:
       return None
-    user, item, label = rows
+    user, item, label, *extra = rows
     if k:
       if self._catalog is not None:
         pool = self._catalog
@@ -563,12 +566,17 @@ class _BatchStream:
       negatives = pool[rng.integers(0, len(pool), size=(n, k))]
       item = np.concatenate([item[:, None], negatives], axis=1).reshape(-1)
       user = np.repeat(user, 1 + k)
+      # A row's other columns describe its context (history, time, ...):
+      # its negatives share them.
+      extra = [np.repeat(c, 1 + k) for c in extra]
       label = np.zeros((n, 1 + k), np.float32)
       label[:, 0] = 1.0
       label = label.reshape(-1)
     start = max(0, self._skip - first) * layout.examples
     features = {self._data.user_column: user[start:],
                 self._data.item_column: item[start:]}
+    features.update({c: v[start:] for c, v in
+                     zip(self._data.feature_columns, extra)})
     return features, label[start:]
 
 
@@ -599,7 +607,8 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
       config's), e.g. the item vocabulary.
 
   Returns:
-    A dataset of ({user_column: [B], item_column: [B]}, labels [B] float32).
+    A dataset of ({user_column: [B], item_column: [B], and each of
+    data.feature_columns: [B]}, labels [B] float32).
 
   Raises:
     ValueError: If there are fewer files than input pipelines, or a batch
@@ -647,8 +656,9 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
       skip_batches=skip_steps * replicas_here, pipeline=pipeline,
       catalog=catalog, stats=stats)
   ds = tf.data.Dataset.from_generator(
-      stream, output_signature=({user: spec(user), item: spec(item)},
-                                tf.TensorSpec([None], tf.float32)))
+      stream, output_signature=(
+          {c: spec(c) for c in (user, item, *data.feature_columns)},
+          tf.TensorSpec([None], tf.float32)))
   ds = ds.rebatch(layout.examples, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
@@ -661,10 +671,10 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
 
 
 def _row_bytes(data) -> int:
-  """Bytes a row takes in the mixing buffer (user, item, label)."""
+  """Bytes a row takes in the mixing buffer (user, item, label, features)."""
   per_type = {"int64": 8, "float32": 4, "string": 8 + 56}  # str objects.
-  return (per_type[data.column_type(data.user_column)] +
-          per_type[data.column_type(data.item_column)] + 4)
+  return sum(per_type[data.column_type(c)] for c in
+             (data.user_column, data.item_column, *data.feature_columns)) + 4
 
 
 @dataclasses.dataclass

@@ -98,7 +98,8 @@ def build(data, files: Sequence[str], out_dir: str, *, min_count: int = 1,
 
 def write(counts: IdCounts, out_dir: str, *, min_count: int = 1,
           max_size: int = 0) -> Dict[str, dict]:
-  """Writes OUT/<column>.txt (most frequent first) and OUT/vocab.json.
+  """Writes OUT/<column>.txt (most frequent first), <column>.counts.txt and
+  OUT/vocab.json.
 
   Args:
     counts: The IDs counted.
@@ -121,6 +122,9 @@ def write(counts: IdCounts, out_dir: str, *, min_count: int = 1,
     path = os.path.join(out_dir, f"{c}.txt")
     with tf.io.gfile.GFile(path, "w") as f:
       f.write("".join(f"{x}\n" for x in ids[keep].tolist()))
+    # Counts line by line, e.g. for a retrieval model's log(q) correction.
+    with tf.io.gfile.GFile(os.path.join(out_dir, f"{c}.counts.txt"), "w") as f:
+      f.write("".join(f"{x}\n" for x in counts_[keep].tolist()))
     total = int(counts_.sum())
     summary[c] = {
         "file": path, "size": int(keep.sum()), "distinct": int(len(ids)),

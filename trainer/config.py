@@ -9,6 +9,8 @@ LABEL_MODES = ("column", "threshold", "implicit")
 ID_MODES = ("hash", "vocab")
 OPTIMIZERS = ("adagrad", "sgd", "adam", "lazy_adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+MODEL_KINDS = ("mf", "two_tower")
+LOGQ_MODES = ("none", "streaming", "counts")
 # parameter_server is accepted (the Vertex AI launcher emits it for jobs with
 # parameter servers) but not implemented yet: make_strategy says so.
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu",
@@ -49,6 +51,9 @@ class DataConfig:
       shuffled whole every epoch; a larger one is mixed over this window.
     time_column: Column of event times, used only to warn when the files are
       sorted by time beyond what the buffer can mix ("" or absent: no check).
+    feature_columns: Further columns passed to the model with each row (e.g.
+      a history or a timestamp for a retrieval model's features); a row's
+      negatives share them.
   """
   train_files: Tuple[str, ...] = ()
   eval_files: Tuple[str, ...] = ()
@@ -68,6 +73,7 @@ class DataConfig:
   files_in_flight: int = 16
   shuffle_buffer_rows: int = 1 << 20
   time_column: str = "timestamp"
+  feature_columns: Tuple[str, ...] = ()
 
   def column_type(self, name: str) -> str:
     return self.column_types[self.columns.index(name)]
@@ -114,9 +120,11 @@ class TableConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The matrix-factorization model.
+  """The model: matrix factorization, or a two-tower retrieval model.
 
   Attributes:
+    kind: "mf" (a ranking model of (user, item) pairs) or "two_tower" (a
+      retrieval model of feature towers; see RetrievalConfig).
     id_mode: "hash" or "vocab"; how raw IDs become table rows, in the model.
     embedding_dim: Latent factors per row; each table row has one more slot,
       the bias.
@@ -125,6 +133,7 @@ class ModelConfig:
       builds one from the training files in its counting pass, keeping IDs
       seen at least this often (the rest share the OOV rows).
   """
+  kind: str = "mf"
   id_mode: str = "hash"
   embedding_dim: int = 32
   min_count: int = 1
@@ -136,6 +145,48 @@ class ModelConfig:
       if t.feature == feature:
         return t
     raise KeyError(feature)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+  """The two-tower retrieval model (ModelConfig.kind == "two_tower").
+
+  Attributes:
+    features: The feature configuration, as JSON text (the contents of
+      --features=FILE, or a preset's): side files and each tower's features;
+      see trainer/features.py for the format. Kept in config.json, so a run
+      is reproducible without the file.
+    tower_widths: Hidden layer widths of both towers' MLPs (ReLU); the last
+      layer is linear, of output_dim.
+    output_dim: Width of the query and candidate embeddings.
+    l2_normalize: Normalise both towers' outputs (cosine scores).
+    temperature: Logits are scores / temperature.
+    learn_temperature: Learn the temperature (starting at `temperature`).
+    logq: Correction of the in-batch softmax for how often items appear as
+      candidates: "none"; "streaming" (per hash bucket, the average gap
+      between an item's appearances, estimated while training, as in Yi et
+      al. 2019); "counts" (the item vocabulary's counts; vocab mode).
+    logq_buckets: Hash buckets of the streaming estimator.
+    logq_alpha: Its moving-average rate.
+    remove_accidental_hits: Mask in-batch candidates equal to the positive.
+    global_negatives: Under several replicas, score each query against the
+      candidates of the whole global batch (all-gathered), not its replica's.
+    eval_ks: Cut-offs of the full-catalog Recall@K / NDCG@K evaluation.
+    eval_chunk: Candidates scored at a time in evaluation.
+  """
+  features: str = ""
+  tower_widths: Tuple[int, ...] = ()
+  output_dim: int = 64
+  l2_normalize: bool = True
+  temperature: float = 0.1
+  learn_temperature: bool = False
+  logq: str = "none"
+  logq_buckets: int = 1 << 20
+  logq_alpha: float = 0.01
+  remove_accidental_hits: bool = True
+  global_negatives: bool = True
+  eval_ks: Tuple[int, ...] = (10, 50, 100)
+  eval_chunk: int = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +252,7 @@ class Config:
   model: ModelConfig = ModelConfig()
   train: TrainConfig = TrainConfig()
   runtime: RuntimeConfig = RuntimeConfig()
+  retrieval: RetrievalConfig = RetrievalConfig()
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
@@ -216,7 +268,8 @@ class Config:
         data=DataConfig(**_tuples(d["data"])),
         model=ModelConfig(**model),
         train=TrainConfig(**d["train"]),
-        runtime=RuntimeConfig(**d["runtime"]))
+        runtime=RuntimeConfig(**d["runtime"]),
+        retrieval=RetrievalConfig(**_tuples(d.get("retrieval", {}))))
 
 
 def _tuples(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -275,8 +328,26 @@ def validate(config: Config) -> Config:
   _check(d.num_negatives == 0 or d.label_mode == "implicit",
          "--num_negatives=%d needs --label_mode=implicit (every row a positive).",
          d.num_negatives)
-  _check(d.label_mode != "implicit" or d.num_negatives > 0,
+  _check(m.kind in MODEL_KINDS, "--model must be one of %s.", MODEL_KINDS)
+  _check(d.label_mode != "implicit" or d.num_negatives > 0 or
+         m.kind == "two_tower",
          "--label_mode=implicit needs --num_negatives > 0, or every label is 1.")
+  for col in d.feature_columns:
+    _check(col in d.columns, "Feature column %r is not among --columns %s.",
+           col, d.columns)
+  if m.kind == "two_tower":
+    rc = config.retrieval
+    _check(d.num_negatives == 0, "--model=two_tower takes its negatives from "
+           "the batch: set --num_negatives=0.")
+    _check(bool(rc.features), "--model=two_tower needs --features=FILE or "
+           "--preset.")
+    _check(rc.logq in LOGQ_MODES, "--logq must be one of %s.", LOGQ_MODES)
+    _check(rc.logq != "counts" or m.id_mode == "vocab",
+           "--logq=counts needs --id_mode=vocab (the counts of the item "
+           "vocabulary).")
+    _check(rc.temperature > 0, "--temperature must be > 0.")
+    _check(rc.output_dim > 0 and all(w > 0 for w in rc.tower_widths),
+           "Tower widths must be positive.")
   _check(d.bad_rows in ("error", "skip"), "--bad_rows must be error or skip.")
   _check(len(d.delimiter) == 1, "--delimiter must be one character.")
   _check(d.block_bytes >= 1024, "block_bytes must be at least 1024.")

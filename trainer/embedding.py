@@ -86,15 +86,17 @@ class FactorsAndBias:
   would give identical tables.
   """
 
-  def __init__(self, stddev: float, seed: int):
+  def __init__(self, stddev: float, seed: int, bias_slot: bool = True):
     self._stddev = stddev
     self._seed = seed
+    self._bias = int(bias_slot)
 
   def __call__(self, shape, dtype=tf.float32):
     factors = tf.random.stateless_truncated_normal(
-        [shape[0], shape[1] - 1], seed=[self._seed, 7], stddev=self._stddev,
-        dtype=dtype)
-    return tf.concat([factors, tf.zeros([shape[0], 1], dtype)], axis=1)
+        [shape[0], shape[1] - self._bias], seed=[self._seed, 7],
+        stddev=self._stddev, dtype=dtype)
+    return tf.concat([factors, tf.zeros([shape[0], self._bias], dtype)],
+                     axis=1)
 
 
 class LazyAdam(tf_keras.optimizers.Adam):
@@ -223,32 +225,48 @@ class EmbeddingTables(tf_keras.layers.Layer):
     num_hashes: Row lookups per ID for each feature (default 1), summed.
     lr_schedule: Learning-rate schedule of the tables' optimizers.
     total_steps: Steps of the run, for decaying schedules.
+    dims: Per-feature embedding_dim, for tables of different widths.
+    shared: {lookup: feature}: further lookups that read `feature`'s table,
+      e.g. a history of items pooled through the item table. Their rows may
+      be ragged ([B, None]) and weighted, and are summed per example.
+    bias_slot: Whether rows end in a bias slot (matrix factorization's).
   """
 
   def __init__(self, tables, num_rows: Mapping[str, int], embedding_dim: int,
                seed: int, on_tpu: bool = False,
                num_hashes: Mapping[str, int] = None,
-               lr_schedule: str = "constant", total_steps: int = 0, **kwargs):
+               lr_schedule: str = "constant", total_steps: int = 0,
+               dims: Mapping[str, int] = None,
+               shared: Mapping[str, str] = None, bias_slot: bool = True,
+               **kwargs):
     super().__init__(name="embedding_tables", **kwargs)
-    self._features = [t.feature for t in tables]
-    self._num_hashes = {t.feature: (num_hashes or {}).get(t.feature, 1)
-                        for t in tables}
+    shared = dict(shared or {})
+    self._features = [t.feature for t in tables] + list(shared)
+    self._table_of = {**{t.feature: t.feature for t in tables}, **shared}
+    self._num_hashes = {f: (num_hashes or {}).get(self._table_of[f], 1)
+                        for f in self._features}
     feature_config = {}
     for i, t in enumerate(tables):
+      dim = (dims or {}).get(t.feature, embedding_dim)
+      width = dim + int(bias_slot)
       table = tf.tpu.experimental.embedding.TableConfig(
-          vocabulary_size=num_rows[t.feature], dim=embedding_dim + 1,
-          initializer=FactorsAndBias(t.init_stddev, seed + i),
+          vocabulary_size=num_rows[t.feature], dim=width,
+          initializer=FactorsAndBias(t.init_stddev, seed + i, bias_slot),
           optimizer=_tpu_optimizer(t) if on_tpu else None,
           combiner="sum", name=f"{t.feature}_table")
-      # Extra hashes of a feature are extra features sharing its table.
-      for k in range(self._num_hashes[t.feature]):
-        name = _lookup_name(t.feature, k)
-        feature_config[name] = tf.tpu.experimental.embedding.FeatureConfig(
-            table=table, name=name)
-      logging.info("Table %s_table: %d rows x %d (%d factors + bias), %.1f MB.",
-                   t.feature, num_rows[t.feature], embedding_dim + 1,
-                   embedding_dim,
-                   num_rows[t.feature] * (embedding_dim + 1) * 4 / 2**20)
+      # Extra hashes of a feature, and lookups sharing its table, are extra
+      # features of its table.
+      for f in self._features:
+        if self._table_of[f] != t.feature:
+          continue
+        for k in range(self._num_hashes[f]):
+          name = _lookup_name(f, k)
+          feature_config[name] = tf.tpu.experimental.embedding.FeatureConfig(
+              table=table, name=name)
+      logging.info("Table %s_table: %d rows x %d (%d factors%s), %.1f MB.",
+                   t.feature, num_rows[t.feature], width, dim,
+                   " + bias" if bias_slot else "",
+                   num_rows[t.feature] * width * 4 / 2**20)
     with _local_string_variables():
       self._tpu_embedding = tfrs.layers.embedding.TPUEmbedding(
           feature_config, optimizer=_tpu_optimizer(tables[0]) if on_tpu else None)
@@ -258,20 +276,45 @@ class EmbeddingTables(tf_keras.layers.Layer):
         t.optimizer, t.learning_rate, t.initial_accumulator, lr_schedule,
         total_steps) for t in tables}
 
-  def call(self, rows: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
+  def call(self, rows: Dict[str, List[tf.Tensor]],
+           weights: Dict[str, tf.Tensor] = None) -> Dict[str, tf.Tensor]:
     """Looks up `{feature: [int32 rows [B]] * num_hashes}` -> `{feature: [B, d+1]}`.
 
-    A feature's rows from several hashes are summed.
+    A feature's rows from several hashes are summed. A shared lookup's rows
+    may be ragged [B, None], with `weights[feature]` of the same shape: its
+    output is the weighted sum of the rows of each example.
     """
-    looked_up = self._tpu_embedding({
-        _lookup_name(f, k): rows[f][k] for f in self._features
-        for k in range(self._num_hashes[f])})
+    weights = weights or {}
+    names = {_lookup_name(f, k): (f, k) for f in self._features
+             if f in rows for k in range(self._num_hashes[f])}
+    if len(names) < len(self._tpu_embedding._feature_config):  # pylint: disable=protected-access
+      # One tower alone (serving, scoring a catalog): TPUEmbedding looks up
+      # every feature at once, so read the table variables directly.
+      return {f: self._direct(f, r, weights.get(f)) for f, r in rows.items()}
+    looked_up = self._tpu_embedding(
+        {n: rows[f][k] for n, (f, k) in names.items()},
+        weights={n: weights.get(f) for n, (f, _) in names.items()}
+        if weights else None)
     return {f: tf.add_n([looked_up[_lookup_name(f, k)]
                          for k in range(self._num_hashes[f])])
-            for f in self._features}
+            for f in self._features if f in rows}
+
+  def _direct(self, feature: str, rows: List[tf.Tensor],
+              weights: tf.Tensor = None) -> tf.Tensor:
+    table = self.tables()[self._table_of[feature]]
+    out = []
+    for r in rows:
+      v = tf.gather(table, r)
+      if isinstance(r, tf.RaggedTensor):
+        if weights is not None:
+          v = v * tf.expand_dims(weights, -1)
+        v = tf.reduce_sum(v, axis=1)
+      out.append(v)
+    return tf.add_n(out)
 
   def tables(self) -> Dict[str, tf.Variable]:
     """`{feature: table variable [rows, dim + 1]}`."""
     by_name = {cfg.name: var for cfg, var in
                self._tpu_embedding.embedding_tables.items()}
-    return {f: by_name[f"{f}_table"] for f in self._features}
+    return {f: by_name[f"{f}_table"] for f in self._features
+            if self._table_of[f] == f}

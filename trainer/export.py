@@ -1,4 +1,9 @@
-"""Exports: a SavedModel that scores raw IDs, and the tables as Parquet files.
+"""Exports: SavedModels that score or retrieve from raw IDs, and embeddings as Parquet.
+
+Matrix factorization: a SavedModel scoring (user, item) pairs, and the
+tables as Parquet. Two-tower retrieval: a top-K SavedModel (raw query
+features and k in, item IDs and scores out, seen items excludable), the query
+tower alone as a SavedModel, and the catalog's item embeddings as Parquet.
 
 Each export is a version, `EXPORT_DIR/<version>/` as TF Serving expects: an
 integer (Unix seconds, so the newest run is served), written under a
@@ -76,8 +81,11 @@ def export_version(model, data, export_dir: str) -> str:
   # TF Serving ignores folders whose names are not integers, so nothing
   # reads the export before the rename makes it a version.
   tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
-  export_saved_model(model, data, tmp)
-  export_tables(model, tmp)
+  if hasattr(model, "query_embedding"):
+    export_retrieval(model, data, tmp)
+  else:
+    export_saved_model(model, data, tmp)
+    export_tables(model, tmp)
   final = os.path.join(export_dir, str(version))
   if tf.io.gfile.exists(final):
     raise FileExistsError(f"{final} appeared while exporting; not "
@@ -118,17 +126,147 @@ def export_tables(model, export_dir: str) -> Dict[str, str]:
     values = table.numpy()
     ids = table_ids(model.lookups[feature], values.shape[0])
     dim = values.shape[1] - 1
-    factors = pa.FixedSizeListArray.from_arrays(
-        pa.array(values[:, :-1].reshape(-1).astype(np.float32)), dim)
-    arrow = pa.table({"id": pa.array(ids.tolist()), "embedding": factors,
+    arrow = pa.table({"id": pa.array(ids.tolist()),
+                      "embedding": _fixed_lists(values[:, :-1]),
                       "bias": pa.array(values[:, -1].astype(np.float32))})
     kind = "user" if feature == model.user_feature else "item"
     path = os.path.join(export_dir, f"{kind}_embeddings.parquet")
-    buffer = pa.BufferOutputStream()  # gfile objects are not seekable for pyarrow.
-    pq.write_table(arrow, buffer)
-    with tf.io.gfile.GFile(path, "wb") as f:
-      f.write(buffer.getvalue().to_pybytes())
+    _write_parquet(arrow, path)
     logging.info("%s: %d rows x %d factors + bias -> %s", feature,
                  values.shape[0], dim, path)
     paths[feature] = path
   return paths
+
+
+def query_inputs(model, data) -> Dict[str, tf.DType]:
+  """Raw inputs of a two-tower model's query tower: {column: dtype}."""
+  spec = model.spec
+  cols = []
+  if any(f.type == "id" or f.source == "user" for f in spec.query):
+    cols.append(data.user_column)
+  cols += [f.col for f in spec.query if f.source == "row" and f.type != "id"]
+  types = {"int64": tf.int64, "string": tf.string, "float32": tf.float32}
+  return {c: types[data.column_type(c)] for c in dict.fromkeys(cols)}
+
+
+class _QueryTower(tf.Module):
+  """Raw query features -> query embedding."""
+
+  def __init__(self, model, inputs: Dict[str, tf.DType]):
+    super().__init__()
+    self.model = model
+    self._names = list(inputs)
+    self.serve = tf.function(
+        lambda *args: {"embedding": model.query_embedding(
+            dict(zip(self._names, args)))},
+        input_signature=[tf.TensorSpec([None], t, name=c)
+                         for c, t in inputs.items()])
+
+
+class _TopK(tf.Module):
+  """Raw query features, k and items to exclude -> top-k item IDs and scores.
+
+  Brute force over the catalog's candidate embeddings, computed at export.
+  `exclude` [B, None] holds item IDs (padded with any ID outside the catalog)
+  that may not be returned, e.g. the items a user has seen.
+  """
+
+  def __init__(self, model, inputs: Dict[str, tf.DType], item_ids: np.ndarray,
+               candidates: np.ndarray, item_dtype: tf.DType):
+    super().__init__()
+    self.model = model
+    self._names = list(inputs)
+    self.item_ids = tf.Variable(tf.constant(item_ids, item_dtype),
+                                trainable=False)
+    self.candidates = tf.Variable(candidates, trainable=False)
+    signature = [tf.TensorSpec([None], t, name=c) for c, t in inputs.items()]
+    signature += [tf.TensorSpec([], tf.int32, name="k"),
+                  tf.TensorSpec([None, None], item_dtype, name="exclude")]
+    self.serve = tf.function(self._serve, input_signature=signature)
+
+  def _serve(self, *args):
+    *values, k, exclude = args
+    query = self.model.query_embedding(dict(zip(self._names, values)))
+    scores = tf.matmul(query, self.candidates, transpose_b=True)
+    excluded = tf.reduce_any(
+        tf.equal(exclude[:, :, None], self.item_ids[None, None, :]), axis=1)
+    scores = tf.where(excluded, tf.float32.min, scores)
+    top = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+    return {"item_ids": tf.gather(self.item_ids, top.indices),
+            "scores": top.values}
+
+
+def export_retrieval(model, data, export_dir: str, catalog=None) -> str:
+  """Writes a two-tower model's top-K SavedModel, query tower and embeddings.
+
+  Args:
+    model: A trained TwoTower.
+    data: The DataConfig (column names and types).
+    export_dir: The version folder: serving_default there is the top-K model;
+      query_tower/ holds the query tower; item_embeddings.parquet the catalog.
+    catalog: Item IDs to retrieve from (default: the model's catalog).
+
+  Returns:
+    export_dir.
+  """
+  inputs = query_inputs(model, data)
+  item_dtype = _TF_TYPES[data.column_type(data.item_column)]
+  ids = model.catalog() if catalog is None else catalog
+  candidates = model.candidate_embedding(tf.constant(ids)).numpy()
+  topk = _TopK(model, inputs, ids, candidates, item_dtype)
+  tf.saved_model.save(topk, export_dir,
+                      signatures={"serving_default": topk.serve})
+  query = _QueryTower(model, inputs)
+  tf.saved_model.save(query, os.path.join(export_dir, "query_tower"),
+                      signatures={"serving_default": query.serve})
+  _write_parquet(pa.table({
+      "id": pa.array(ids.tolist()),
+      "embedding": _fixed_lists(candidates)}),
+      os.path.join(export_dir, "item_embeddings.parquet"))
+  logging.info("Retrieval export in %s: top-K model (%s, k, exclude -> "
+               "item_ids, scores) over %d items; query_tower/; "
+               "item_embeddings.parquet.", export_dir, ", ".join(inputs),
+               len(ids))
+  return export_dir
+
+
+def export_embedding_history(model, config, root: str) -> str:
+  """Appends this run's item embeddings under root/run_date=.../run_id=.../.
+
+  Every run adds a partition, so the embeddings of successive runs can be
+  compared (drift, ANN rebuilds). Columns: id, embedding, run_id, run_time,
+  config_hash.
+
+  Returns:
+    The Parquet file written.
+  """
+  import datetime  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  now = datetime.datetime.now(datetime.timezone.utc)
+  config_hash = hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+  run_id = f"{now:%Y%m%dT%H%M%S}-{config_hash[:8]}-{uuid.uuid4().hex[:6]}"
+  ids = model.catalog()
+  emb = model.candidate_embedding(tf.constant(ids)).numpy()
+  n = len(ids)
+  path = os.path.join(root, f"run_date={now:%Y-%m-%d}", f"run_id={run_id}",
+                      "items.parquet")
+  _write_parquet(pa.table({
+      "id": pa.array(ids.tolist()), "embedding": _fixed_lists(emb),
+      "run_id": pa.array([run_id] * n),
+      "run_time": pa.array([now.isoformat()] * n),
+      "config_hash": pa.array([config_hash] * n)}), path)
+  logging.info("Item embeddings of run %s appended: %s", run_id, path)
+  return path
+
+
+def _fixed_lists(values: np.ndarray) -> pa.Array:
+  return pa.FixedSizeListArray.from_arrays(
+      pa.array(values.reshape(-1).astype(np.float32)), values.shape[1])
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  buffer = pa.BufferOutputStream()  # gfile objects are not seekable for pyarrow.
+  pq.write_table(table, buffer)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue().to_pybytes())

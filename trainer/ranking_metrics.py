@@ -153,11 +153,21 @@ def _score_batches(score_fn: ScoreFn, eval_users: np.ndarray,
         yield order[b0:b1], scores[rows]
 
 
+def index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Position of each of `ids` in `sorted_ids`, -1 where absent."""
+  if not len(sorted_ids):
+    return np.full(len(ids), -1)
+  pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+  return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
 def _summarise(ranks: np.ndarray, ks: Sequence[int],
-               prefix: str) -> Dict[str, float]:
-  """HR@K and NDCG@K averaged over int64 `ranks` [N] (0 = top)."""
+               prefix: str, with_mrr: bool = False) -> Dict[str, float]:
+  """HR@K and NDCG@K (and MRR) averaged over int64 `ranks` [N] (0 = top)."""
   gains = 1.0 / np.log2(ranks.astype(np.float64) + 2.0)
   out = {}
+  if with_mrr:  # A miss (rank _MISS) adds ~0.
+    out[f"{prefix}mrr"] = float(np.mean(1.0 / (ranks.astype(np.float64) + 1)))
   for k in ks:
     hit = ranks < k
     out[f"{prefix}hr@{k}"] = float(np.mean(hit))
@@ -169,7 +179,8 @@ def _summarise(ranks: np.ndarray, ks: Sequence[int],
 def full_catalog_metrics(score_fn: ScoreFn, train_users, train_items,
                          eval_users, eval_items, num_items: int,
                          ks: Sequence[int] = (10, 20, 50),
-                         user_chunk: int = 1024) -> Dict[str, float]:
+                         user_chunk: int = 1024,
+                         with_mrr: bool = False) -> Dict[str, float]:
   """HR@K and NDCG@K of each held-out item ranked against the whole catalog.
 
   For an eval pair (u, i) the candidates are every item u did not interact
@@ -196,6 +207,7 @@ def full_catalog_metrics(score_fn: ScoreFn, train_users, train_items,
     num_items: catalog size; items are 0..num_items-1.
     ks: cut-offs K.
     user_chunk: distinct users scored per score_fn call.
+    with_mrr: Also return "mrr", the mean of 1 / (rank + 1).
 
   Returns:
     {"hr@K": float, "ndcg@K": float for each K, "num_eval": N}, each metric
@@ -223,7 +235,7 @@ def full_catalog_metrics(score_fn: ScoreFn, train_users, train_items,
                    (~seen.contains(users, items)).astype(np.int64))
     batch_ranks[target != target] = _MISS  # NaN held-out score: a miss.
     ranks[pairs] = batch_ranks
-  return _summarise(ranks, ks, "")
+  return _summarise(ranks, ks, "", with_mrr)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

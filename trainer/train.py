@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -26,8 +27,10 @@ from trainer import embedding
 from trainer import environment
 from trainer import export
 from trainer import model as model_lib
+from trainer import ranking_metrics
 from trainer import run_lock
 from trainer import strategy as strategy_lib
+from trainer import two_tower
 
 
 class _Progress(tf_keras.callbacks.Callback):
@@ -151,6 +154,31 @@ def _scan_training_files(config, files, model_dir: str, stats):
   return scans, config
 
 
+def build_model(config, on_tpu: bool = False, total_steps: int = 0):
+  """The model `config.model.kind` names: MatrixFactorization or TwoTower."""
+  if config.model.kind == "two_tower":
+    return two_tower.TwoTower(config, on_tpu=on_tpu, total_steps=total_steps)
+  return model_lib.MatrixFactorization(config, on_tpu=on_tpu,
+                                       total_steps=total_steps)
+
+
+def _with_feature_columns(config):
+  """Adds the row columns a two-tower model's features read to the input's."""
+  if config.model.kind != "two_tower":
+    return config
+  from trainer import features as features_lib  # pylint: disable=g-import-not-at-top
+  spec = features_lib.parse(config.retrieval.features,
+                            *config.data.id_columns)
+  columns = list(config.data.feature_columns)
+  for c in spec.row_columns():
+    if c not in config.data.columns:
+      raise ValueError(f"Feature column {c!r} is not among --columns "
+                       f"{config.data.columns}.")
+    if c not in columns:
+      columns.append(c)
+  return config_lib.replace(config, data={"feature_columns": tuple(columns)})
+
+
 def _input_error(e: tf.errors.OpError) -> Exception:
   """Turns an input error raised inside tf.data back into a plain message."""
   found = re.search(r"InputDataError: (.*)", e.message)
@@ -172,7 +200,7 @@ def train_and_evaluate(config) -> Dict[str, Any]:
     FileNotFoundError: If a file pattern matches nothing.
     InputDataError: For a malformed row or a truncated shard (names the file).
   """
-  config_lib.validate(config)
+  config = _with_feature_columns(config_lib.validate(config))
   runtime = config.runtime
   # The strategy comes first: it sets up devices and collectives.
   strategy = strategy_lib.make_strategy(runtime)
@@ -228,8 +256,7 @@ def _train_and_evaluate(config, strategy, write_dir: str,
                total_steps * rows_per_step / max(rows, 1))
 
   with strategy.scope():
-    model = model_lib.MatrixFactorization(config, on_tpu=on_tpu,
-                                          total_steps=total_steps)
+    model = build_model(config, on_tpu=on_tpu, total_steps=total_steps)
     model.compile(optimizer=embedding.make_optimizer(
         train.optimizer, train.learning_rate, schedule=train.lr_schedule,
         total_steps=total_steps),
@@ -274,7 +301,10 @@ def _train_and_evaluate(config, strategy, write_dir: str,
         "train_loss": progress.last_logs.get("loss"),
         "train_rows_skipped": train_stats.skipped,
     }
-    if eval_files:
+    if eval_files and config.model.kind == "two_tower":
+      summary["eval"] = _evaluate_retrieval(model, config, train_files,
+                                            eval_files, eval_stats, write_dir)
+    elif eval_files:
       summary["eval"] = _evaluate(model, config, eval_files,
                                   eval_stats, on_tpu,
                                   data.negative_catalog or vocab, write_dir)
@@ -288,7 +318,12 @@ def _train_and_evaluate(config, strategy, write_dir: str,
     logging.warning("Skipped %d malformed rows: %s", sum(skipped.values()),
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
   if export_dir:
+    if config.model.kind == "two_tower" and model._catalog is None:  # pylint: disable=protected-access
+      _ensure_catalog(model, config, train_files)
     summary["export_dir"] = export.export_version(model, data, export_dir)
+    if config.model.kind == "two_tower":
+      summary["embeddings"] = export.export_embedding_history(
+          model, config, os.path.join(export_dir, "embeddings"))
   with tf.io.gfile.GFile(os.path.join(write_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=2)
   if write_dir != model_dir:
@@ -313,6 +348,10 @@ def _evaluate(model, config, files, stats, on_tpu, negative_catalog: str,
       seed=config.train.seed + 1, drop_remainder=on_tpu, stats=stats,
       negative_catalog=negative_catalog)
   results = model.evaluate(eval_ds, return_dict=True, verbose=0)
+  return _write_eval(model, config, write_dir, results)
+
+
+def _write_eval(model, config, write_dir: str, results) -> Dict[str, float]:
   writer = tf.summary.create_file_writer(os.path.join(
       environment.summary_dir(config.runtime, write_dir), "eval"))
   with writer.as_default(step=int(model.optimizer.iterations.numpy())):
@@ -322,12 +361,86 @@ def _evaluate(model, config, files, stats, on_tpu, negative_catalog: str,
   return {k: round(float(v), 6) for k, v in results.items()}
 
 
-def load_model(model_dir: str) -> model_lib.MatrixFactorization:
+def _read_rows(config, files, stats, columns):
+  """Every row of `files` as {column: numpy array} (one pass, in order)."""
+  data = config_lib.replace(config, data={"feature_columns": tuple(
+      c for c in columns if c not in config.data.id_columns)}).data
+  ds = csv_dataset.make_dataset(data, files, 1 << 16, training=False,
+                                stats=stats)
+  parts = [f for f, _ in ds.as_numpy_iterator()]
+  return {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0)
+          for c in (*data.id_columns, *data.feature_columns)}
+
+
+def _evaluate_retrieval(model, config, train_files, eval_files, stats,
+                        write_dir: str) -> Dict[str, float]:
+  """Full-catalog Recall@K / NDCG@K / MRR of each held-out row's item.
+
+  Each held-out row is a query (its user's features and history); the
+  candidates are the whole catalog minus the items its user trained on.
+  """
+  t0 = time.time()
+  data, rc = config.data, config.retrieval
+  user, item = data.id_columns
+  held = _read_rows(config, eval_files, stats, data.feature_columns)
+  train_rows = _read_rows(config, train_files, csv_dataset.RowStats(), ())
+  _ensure_catalog(model, config, train_files, train_rows)
+  catalog = model.catalog()
+  candidates = np.concatenate([
+      model.candidate_embedding(tf.constant(catalog[i:i + rc.eval_chunk]))
+      .numpy() for i in range(0, len(catalog), rc.eval_chunk)])
+  n = len(held[user])
+  queries = np.concatenate([
+      model.query_embedding({c: tf.constant(v[i:i + 4096])
+                             for c, v in held.items()}).numpy()
+      for i in range(0, n, 4096)]) if n else np.zeros((0, 1))
+  # Seen items per query: the training items of the query's user.
+  users, query_of = np.unique(held[user], return_inverse=True)
+  pos = np.searchsorted(users, train_rows[user])
+  pos = np.minimum(pos, len(users) - 1)
+  known = users[pos] == train_rows[user]
+  train_user, train_item = pos[known], train_rows[item][known]
+  # Expand the seen pairs from users to their queries.
+  by_user = np.argsort(query_of, kind="stable")
+  starts = np.searchsorted(query_of[by_user], np.arange(len(users) + 1))
+  counts = np.diff(starts)[train_user]
+  seen_queries = by_user[np.repeat(starts[train_user], counts) +
+                         _ragged_arange(counts)]
+  seen_items = np.repeat(ranking_metrics.index_of(catalog, train_item), counts)
+  ok = seen_items >= 0
+  results = ranking_metrics.full_catalog_metrics(
+      lambda q: queries[q] @ candidates.T, seen_queries[ok], seen_items[ok],
+      np.arange(n), ranking_metrics.index_of(catalog, held[item]), len(catalog),
+      ks=rc.eval_ks, with_mrr=True)
+  results = {k.replace("hr@", "recall@"): v for k, v in results.items()}
+  logging.info("Full-catalog evaluation: %d queries x %d candidates (%.1fs).",
+               n, len(catalog), time.time() - t0)
+  return _write_eval(model, config, write_dir, results)
+
+
+def _ensure_catalog(model, config, train_files, train_rows=None) -> None:
+  """In hash mode without an item side file, the catalog is the training
+  rows' items (one more pass over them)."""
+  if config.model.id_mode == "vocab" or "item" in model.side:
+    return
+  if train_rows is None:
+    train_rows = _read_rows(config, train_files, csv_dataset.RowStats(), ())
+  model.set_catalog(np.unique(train_rows[config.data.item_column]))
+
+
+def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+  """[0..c0), [0..c1), ... concatenated."""
+  ends = np.cumsum(counts)
+  return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts,
+                                                             counts)
+
+
+def load_model(model_dir: str):
   """Rebuilds a run's model from its config.json and latest checkpoint."""
   config = config_lib.load(os.path.join(model_dir, "config.json"))
   if config is None:
     raise FileNotFoundError(f"No config.json in {model_dir}.")
-  model = model_lib.MatrixFactorization(config)
+  model = build_model(config)
   tf.train.Checkpoint(model=model).restore(
       tf.train.latest_checkpoint(model_dir)).expect_partial()
   return model
