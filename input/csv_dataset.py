@@ -289,8 +289,9 @@ def _reader(data, stats: RowStats, extra: Sequence[str] = ()) -> ShardReader:
   wanted = [data.user_column, data.item_column]
   if data.label_mode != "implicit":
     wanted.append(data.label_column)
-  wanted += [c for c in tuple(data.feature_columns) + tuple(extra)
-             if c not in wanted]
+  for c in (*data.feature_columns, *extra):
+    if c not in wanted:
+      wanted.append(c)
   return ShardReader(data.columns, data.column_types, wanted, data.delimiter,
                      data.header, data.bad_rows, data.block_bytes, stats)
 

@@ -53,6 +53,44 @@ def interactions(num_rows: int, num_users: int, num_items: int, *,
           "timestamp": 1_600_000_000 + np.arange(num_rows, dtype=np.int64)}
 
 
+def choices(num_rows: int, num_users: int, num_items: int, *, dim: int = 8,
+            zipf: float = 1.0, sharpness: float = 4.0,
+            seed: int = 0) -> Dict[str, np.ndarray]:
+  """Samples an implicit-feedback log: every row is an item a user chose.
+
+  A user picks item i with probability ~ popularity(i) * exp(sharpness *
+  <u, v_i>) (a softmax choice over the catalog), so which items a user
+  takes is personal, as a retrieval model assumes; `interactions` instead
+  draws items by popularity alone and plants the signal in the labels.
+
+  Args:
+    num_rows: Rows to sample (users uniformly active).
+    num_users: Distinct users (IDs 0..num_users-1).
+    num_items: Distinct items (IDs 0..num_items-1).
+    dim: Latent dimension of the planted structure.
+    zipf: Popularity exponent.
+    sharpness: Weight of the personal affinity against popularity.
+    seed: Seeds everything.
+
+  Returns:
+    Columns user_id, item_id, timestamp (int64), in time order.
+  """
+  rng = np.random.default_rng(seed)
+  user_vec = rng.normal(size=(num_users, dim)) / np.sqrt(dim)
+  item_vec = rng.normal(size=(num_items, dim)) / np.sqrt(dim)
+  log_pop = np.log(1.0 / np.arange(1, num_items + 1) ** zipf)[
+      np.argsort(rng.permutation(num_items))]
+  users = rng.integers(0, num_users, num_rows)
+  items = np.empty(num_rows, np.int64)
+  for u in np.unique(users):  # Gumbel-max: one softmax draw per row.
+    rows = np.flatnonzero(users == u)
+    logits = log_pop + sharpness * item_vec @ user_vec[u]
+    gumbel = rng.gumbel(size=(len(rows), num_items))
+    items[rows] = np.argmax(logits[None, :] + gumbel, axis=1)
+  return {"user_id": users.astype(np.int64), "item_id": items,
+          "timestamp": 1_600_000_000 + np.arange(num_rows, dtype=np.int64)}
+
+
 def write_shards(columns: Dict[str, np.ndarray], path_prefix: str,
                  num_shards: int) -> list:
   """Writes columns as headerless gzipped CSV shards PREFIX-0000i-of-0000N."""

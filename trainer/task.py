@@ -72,6 +72,28 @@ flags.DEFINE_float("init_stddev", None, "Std-dev of initial factors.")
 flags.DEFINE_list("table_options", None,
                   "Per-table overrides FEATURE.FIELD=VALUE, e.g. "
                   "item_id.learning_rate=0.05,user_id.l2=1e-5.")
+# Two-tower retrieval (--model=two_tower).
+flags.DEFINE_enum("model", None, config_lib.MODEL_KINDS,
+                  "mf: matrix factorization (ranking); two_tower: retrieval "
+                  "with feature towers.")
+flags.DEFINE_string("features", None, "Two-tower feature configuration "
+                    "(JSON file; format in trainer/features.py).")
+flags.DEFINE_enum("preset", None, ["bn", "bn_logq", "bn_logq_l2", "history"],
+                  "Two-tower preset applied to --features.")
+flags.DEFINE_list("tower_widths", None, "Hidden widths of both towers' MLPs.")
+flags.DEFINE_integer("output_dim", None, "Query/candidate embedding width.")
+flags.DEFINE_bool("l2_normalize", None, "L2-normalise the towers' outputs.")
+flags.DEFINE_float("temperature", None, "Softmax temperature.")
+flags.DEFINE_bool("learn_temperature", None, "Learn the temperature.")
+flags.DEFINE_enum("logq", None, config_lib.LOGQ_MODES,
+                  "log(q) correction: none, streaming estimate, or counts.")
+flags.DEFINE_bool("remove_accidental_hits", None,
+                  "Mask in-batch candidates equal to the positive.")
+flags.DEFINE_bool("global_negatives", None,
+                  "Negatives from the whole global batch (all replicas).")
+flags.DEFINE_list("eval_ks", None, "Cut-offs of Recall@K / NDCG@K.")
+flags.DEFINE_list("feature_columns", None,
+                  "Further columns passed to the model with each row.")
 # Training.
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size.")
@@ -108,8 +130,11 @@ _SECTIONS = {
              "delimiter", "user_column", "item_column", "label_mode",
              "label_column", "label_threshold", "num_negatives",
              "negative_catalog", "shuffle_buffer_rows", "files_in_flight",
-             "time_column", "bad_rows"],
+             "time_column", "bad_rows", "feature_columns"],
     "model": ["id_mode", "embedding_dim", "min_count"],
+    "retrieval": ["output_dim", "l2_normalize", "temperature",
+                  "learn_temperature", "logq", "remove_accidental_hits",
+                  "global_negatives"],
     "train": ["batch_size", "eval_batch_size", "epochs", "train_steps",
               "steps_per_execution", "optimizer", "learning_rate",
               "lr_schedule", "seed",
@@ -142,6 +167,13 @@ def config_from_flags() -> config_lib.Config:
   sections["runtime"] = environment.apply_defaults(sections["runtime"])
   if (FLAGS.num_negatives and FLAGS.label_mode is None):
     sections["data"]["label_mode"] = "implicit"
+  if FLAGS.model:
+    sections["model"]["kind"] = FLAGS.model
+  if FLAGS.model == "two_tower":
+    # Every row is a positive; the other rows of the batch are negatives.
+    sections["data"].setdefault("label_mode", "implicit")
+    sections["data"].setdefault("num_negatives", 0)
+    sections["retrieval"].update(_retrieval_fields(sections["retrieval"]))
   config = config_lib.replace(config, **sections)
 
   data = config.data
@@ -165,6 +197,27 @@ def config_from_flags() -> config_lib.Config:
     tables = [dataclasses.replace(t, **{field: type(getattr(t, field))(value)})
               if t.feature == feature else t for t in tables]
   return config_lib.replace(config, model={"tables": tuple(tables)})
+
+
+def _retrieval_fields(given):
+  """--features (file), --preset and the list flags -> RetrievalConfig fields."""
+  from trainer import presets  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  fields = {}
+  text = ""
+  if FLAGS.features:
+    with tf.io.gfile.GFile(FLAGS.features) as f:
+      text = f.read()
+  if FLAGS.preset:
+    text, preset_fields = presets.apply(FLAGS.preset, text)
+    # Flags given explicitly win over the preset.
+    fields.update({k: v for k, v in preset_fields.items() if k not in given})
+  fields["features"] = text
+  if FLAGS.tower_widths is not None:
+    fields["tower_widths"] = tuple(int(w) for w in FLAGS.tower_widths if w)
+  if FLAGS.eval_ks:
+    fields["eval_ks"] = tuple(int(k) for k in FLAGS.eval_ks)
+  return fields
 
 
 class _OwnInfoOnly(py_logging.Filter):
