@@ -81,7 +81,7 @@ class Split:
     return len(self.item_ids)
 
 
-def _detect_format(src: str) -> str:
+def detect_format(src: str) -> str:
   for fmt, (name, _, _) in movielens.FORMATS.items():
     if os.path.exists(os.path.join(src, name)):
       return fmt
@@ -161,7 +161,7 @@ def prepare(data: str, out_dir: str, order: str = "shuffled") -> Dict[str, Split
                              {"format": "synthetic", "source": SYNTHETIC},
                              order=order)
     else:
-      movielens.convert(_detect_format(data), data, folder, 4,
+      movielens.convert(detect_format(data), data, folder, 4,
                         "leave_last_out", order=order)
   files = {p: _glob(folder, p) for p in ("train", "validation", "test")}
   rows = {p: _read(f) for p, f in files.items()}

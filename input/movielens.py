@@ -120,6 +120,90 @@ def _write(table: pa.Table, prefix: str, num_shards: int) -> list:
   return paths
 
 
+# Genre flags of ml-100k's u.item, in column order (its u.genre).
+_GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children",
+                "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+                "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+                "Sci-Fi", "Thriller", "War", "Western")
+
+
+def _lines(path: str, encoding: str = "latin-1"):
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return [line for line in f.read().decode(encoding).splitlines() if line]
+
+
+def _year(text: str) -> int:
+  """The year in "(1995)" at the end of a title, or in a date "01-Jan-1995"."""
+  import re  # pylint: disable=g-import-not-at-top
+  found = re.findall(r"(1[89]\d\d|20\d\d)", text)
+  return int(found[-1]) if found else 0
+
+
+def read_side_features(fmt: str, src: str) -> Dict[str, pa.Table]:
+  """The user and item features a MovieLens folder provides.
+
+  ml-100k: u.user (age, gender, occupation) and u.item (genres, release
+  year); ml-1m: users.dat and movies.dat (year from the title); ml-latest:
+  movies.csv only (no user features).
+
+  Returns:
+    {"user": table user_id, age, gender, occupation (if given),
+     "item": table item_id, title, genres ("|"-joined), year (0: unknown)}.
+  """
+  out = {}
+  if fmt == "ml-100k":
+    users = [l.split("|") for l in _lines(os.path.join(src, "u.user"))]
+    items = [l.split("|") for l in _lines(os.path.join(src, "u.item"))]
+    out["user"] = pa.table({
+        "user_id": [int(u[0]) for u in users], "age": [int(u[1]) for u in users],
+        "gender": [u[2] for u in users], "occupation": [u[3] for u in users]})
+    out["item"] = pa.table({
+        "item_id": [int(i[0]) for i in items], "title": [i[1] for i in items],
+        "genres": ["|".join(g for g, flag in zip(_GENRES_100K, i[5:24])
+                            if flag == "1") for i in items],
+        "year": [_year(i[2]) for i in items]})
+  elif fmt == "ml-1m":
+    users = [l.split("::") for l in _lines(os.path.join(src, "users.dat"))]
+    items = [l.split("::") for l in _lines(os.path.join(src, "movies.dat"))]
+    out["user"] = pa.table({
+        "user_id": [int(u[0]) for u in users], "age": [int(u[2]) for u in users],
+        "gender": [u[1] for u in users], "occupation": [u[3] for u in users]})
+    out["item"] = pa.table({
+        "item_id": [int(i[0]) for i in items], "title": [i[1] for i in items],
+        "genres": [i[2] for i in items], "year": [_year(i[1]) for i in items]})
+  elif fmt == "ml-latest":
+    path = os.path.join(src, "movies.csv")
+    with tf.io.gfile.GFile(path, "rb") as f:
+      movies = pcsv.read_csv(pa.py_buffer(f.read()))
+    titles = movies.column("title").to_pylist()
+    out["item"] = pa.table({
+        "item_id": movies.column("movieId").cast(pa.int64()),
+        "title": titles,
+        "genres": [g if g != "(no genres listed)" else "" for g in
+                   movies.column("genres").to_pylist()],
+        "year": [_year(t) for t in titles]})
+  return out
+
+
+def write_side_features(fmt: str, src: str, dst: str) -> Dict[str, str]:
+  """Writes DST/users.csv.gz and DST/items.csv.gz (with a header).
+
+  Returns:
+    {"user": path, "item": path}, for the files the folder provides.
+  """
+  tf.io.gfile.makedirs(dst)
+  paths = {}
+  for kind, table in read_side_features(fmt, src).items():
+    path = os.path.join(dst, f"{kind}s.csv.gz")
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "gzip") as out:
+      pcsv.write_csv(table, out)
+    with tf.io.gfile.GFile(path, "wb") as f:
+      f.write(sink.getvalue().to_pybytes())
+    paths[kind] = path
+  return paths
+
+
 def convert(fmt: str, src: str, dst: str, num_shards: int = 4,
             split: str = "none", order: str = "shuffled", seed: int = 0) -> Dict:
   """Converts a MovieLens download into gz CSV shards; returns dataset.json.
