@@ -226,11 +226,11 @@ def run(data: str, out: str, seeds: int, presets: List[str], mf_seeds: int,
   evaluate("iALS", fit(baselines.IALS(**ials), test).score_fn, test, ials)
   # Sequence-aware: EASE from a recency-weighted profile.
   times = {s.name: _read_rows(s.train_files)["timestamp"]
-           for s in (val, test)}
+           for s in splits.values()}
   decay, _ = baselines.tune_on_validation(
       lambda d: baselines.RecencyEASE(l2, d, times["validation"]),
       RECENCY_GRID, *args(val))
-  evaluate("RecencyEASE", fit(baselines.RecencyEASE(l2, decay, times["test"]),
+  evaluate("RecencyEASE", fit(baselines.RecencyEASE(l2, decay, times[test.name]),
                               test).score_fn, test,
            {"l2": l2, "decay": decay})
   for seed in range(1, mf_seeds + 1):
