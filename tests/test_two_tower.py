@@ -47,6 +47,14 @@ class FeatureTest(tf.test.TestCase):
     self.assertAllClose(w[0], e / e.sum())
     self.assertAllClose(w[1], [1.0])
 
+  def test_text_tokens_and_vectors_by_hand(self):
+    tokens = features.text_tokens(tf.constant(["Toy Story (1995)", ""]))
+    self.assertAllEqual(tokens.to_list(), [[b"toy", b"story", b"1995"], []])
+    self.assertAllClose(features.parse_vectors(["1 2", "", "0.5 -1"], " "),
+                        [[1, 2], [0, 0], [0.5, -1]])
+    with self.assertRaisesRegex(ValueError, "different lengths"):
+      features.parse_vectors(["1 2", "3"], " ")
+
   def test_bad_configurations_are_named(self):
     with self.assertRaisesRegex(ValueError, "type must be one of"):
       features.parse('{"query": [{"name": "a", "type": "image"}], '
@@ -133,6 +141,10 @@ def _config(tmp, features_json, **retrieval):
                                            output_dim=32, **retrieval))
 
 
+def _file_vectors(path):
+  return pcsv.read_csv(path).column("vector").to_pylist()
+
+
 class LearnsAndExportsTest(tf.test.TestCase):
   """A planted log: the model must beat popularity, and its exports agree."""
 
@@ -160,7 +172,11 @@ class LearnsAndExportsTest(tf.test.TestCase):
     _write_csv(f"{tmp}/items.csv.gz", {
         "item_id": np.arange(300),
         "genres": ["|".join(rng.choice(["x", "y", "z"], 2)) for _ in range(300)],
-        "year": rng.integers(1950, 2000, 300)})
+        "year": rng.integers(1950, 2000, 300),
+        "title": [f"The {w} of item {i}" for i, w in
+                  enumerate(rng.choice(["Night", "Day", "Sea"], 300))],
+        "vector": [" ".join(f"{x:.3f}" for x in v)
+                   for v in rng.normal(size=(300, 5))]})
 
   def _popularity_recall(self):
     items = np.arange(300)
@@ -203,6 +219,10 @@ class LearnsAndExportsTest(tf.test.TestCase):
                           {"name": "genres", "type": "categorical",
                            "source": "item", "separator": "|", "dim": 4},
                           {"name": "year", "type": "numeric",
+                           "source": "item", "batch_norm": True},
+                          {"name": "title", "type": "text", "source": "item",
+                           "dim": 4, "num_bins": 64},
+                          {"name": "vector", "type": "pretrained",
                            "source": "item"}]}
     text, fields = presets.apply("history", json.dumps(spec))
     config = _config(tmp, text, **fields)
@@ -210,6 +230,10 @@ class LearnsAndExportsTest(tf.test.TestCase):
     summary = train.train_and_evaluate(config)
     version = summary["export_dir"]
     model = train.load_model(f"{tmp}/model")
+    # Frozen pretrained vectors come back exactly as the file gives them.
+    self.assertAllClose(model.pretrained["vector"].numpy()[:300],
+                        features.parse_vectors(
+                            _file_vectors(f"{tmp}/items.csv.gz"), " "))
     model.set_catalog(np.arange(300))
     queries = {c: self.held[c][:20] for c in ("user_id", "timestamp",
                                                "history")}

@@ -22,10 +22,15 @@ raw IDs and a catalog is embedded from item IDs alone. Types:
   categorical: string or integer values, several per row with `separator`
     (pooled by mean); a side file's values form a vocabulary, a row column's
     are hashed into `num_bins`. Own table of `dim`.
+  text: free text, lower-cased and split on non-alphanumerics, each token
+    hashed into `num_bins` rows of its own table of `dim`, pooled by mean.
   numeric: a number, standardised with the mean and deviation of its side
     file or given as `mean`/`std`; `batch_norm` adds batch normalisation.
   cyclical: sin and cos of the `period` ("hour", "weekday", "month") of a
     Unix-seconds column.
+  pretrained: a vector given as text ("0.1 0.2 ...", `separator` " " by
+    default), e.g. an image or text encoder's output in a side file; frozen
+    unless `trainable` (then fine-tuned, starting from the file's values).
   history: the user's previous items, "|"-joined IDs, most recent last (as
     input.history writes them: only events before the row's own), pooled
     through the item table; `max_len` most recent kept; `recency` "none"
@@ -46,7 +51,8 @@ import pyarrow.csv as pcsv
 import tensorflow as tf
 import tf_keras
 
-TYPES = ("id", "categorical", "numeric", "cyclical", "history")
+TYPES = ("id", "categorical", "text", "numeric", "cyclical", "pretrained",
+         "history")
 SOURCES = ("row", "user", "item")
 PERIODS = {"hour": 86400, "weekday": 7 * 86400}  # Seconds; month: calendar.
 RECENCY = ("none", "fixed", "learned")
@@ -69,6 +75,7 @@ class Feature:
   max_len: int = 50
   recency: str = "none"
   decay: float = 0.8
+  trainable: bool = False
 
   @property
   def col(self) -> str:
@@ -127,6 +134,9 @@ def parse(text: str, user_column: str, item_column: str) -> FeatureSpec:
       if f.type == "cyclical" and f.period not in (*PERIODS, "month"):
         raise ValueError(f"{tower} feature {f.name!r}: period must be hour, "
                          "weekday or month.")
+      if f.type == "pretrained" and f.source == "row" and not f.dim:
+        raise ValueError(f"{tower} feature {f.name!r}: a pretrained vector "
+                         "read from the rows needs its length as `dim`.")
       if f.type == "history" and f.recency not in RECENCY:
         raise ValueError(f"{tower} feature {f.name!r}: recency must be one "
                          f"of {RECENCY}.")
@@ -199,10 +209,37 @@ class SideTable(tf_keras.layers.Layer):
       self.values[c] = v
       self._consts[c] = tf.constant(v)
 
+  def index(self, ids: tf.Tensor) -> tf.Tensor:
+    """`ids [B]` -> row of each ID in the file [B] (size: unknown ID)."""
+    return self._index.lookup(ids)
+
   def call(self, ids: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """`ids [B]` -> {column: [B]}."""
+    """`ids [B]` -> {column: [B]}, and the file's rows under "__index__"."""
     idx = self._index.lookup(ids)
-    return {c: tf.gather(v, idx) for c, v in self._consts.items()}
+    out = {c: tf.gather(v, idx) for c, v in self._consts.items()}
+    out["__index__"] = idx
+    return out
+
+
+def parse_vectors(values: Sequence[str], separator: str) -> np.ndarray:
+  """Vectors written as text -> float32 [N, D]; "" -> zeros.
+
+  Raises:
+    ValueError: If the vectors do not all have the same length.
+  """
+  rows = [[float(x) for x in str(v).split(separator or None) if x]
+          for v in values]
+  dims = {len(r) for r in rows if r}
+  if len(dims) > 1:
+    raise ValueError(f"Pretrained vectors of different lengths: {sorted(dims)}.")
+  dim = dims.pop() if dims else 1
+  return np.array([r or [0.0] * dim for r in rows], np.float32)
+
+
+def text_tokens(values: tf.Tensor) -> tf.RaggedTensor:
+  """Strings [B] -> lower-cased alphanumeric tokens [B, None]."""
+  words = tf.strings.regex_replace(tf.strings.lower(values), r"[^a-z0-9]+", " ")
+  return _split(words, " ")
 
 
 def _split(values: tf.Tensor, separator: str) -> tf.RaggedTensor:

@@ -28,6 +28,7 @@ from trainer import environment
 from trainer import export
 from trainer import model as model_lib
 from trainer import ranking_metrics
+from trainer import retrieval_metrics
 from trainer import run_lock
 from trainer import strategy as strategy_lib
 from trainer import two_tower
@@ -386,33 +387,31 @@ def _evaluate_retrieval(model, config, train_files, eval_files, stats,
   train_rows = _read_rows(config, train_files, csv_dataset.RowStats(), ())
   _ensure_catalog(model, config, train_files, train_rows)
   catalog = model.catalog()
-  candidates = np.concatenate([
-      model.candidate_embedding(tf.constant(catalog[i:i + rc.eval_chunk]))
-      .numpy() for i in range(0, len(catalog), rc.eval_chunk)])
   n = len(held[user])
   queries = np.concatenate([
       model.query_embedding({c: tf.constant(v[i:i + 4096])
                              for c, v in held.items()}).numpy()
-      for i in range(0, n, 4096)]) if n else np.zeros((0, 1))
+      for i in range(0, n, 4096)]) if n else np.zeros((0, rc.output_dim))
   # Seen items per query: the training items of the query's user.
   users, query_of = np.unique(held[user], return_inverse=True)
-  pos = np.searchsorted(users, train_rows[user])
-  pos = np.minimum(pos, len(users) - 1)
+  pos = np.minimum(np.searchsorted(users, train_rows[user]), len(users) - 1)
   known = users[pos] == train_rows[user]
-  train_user, train_item = pos[known], train_rows[item][known]
-  # Expand the seen pairs from users to their queries.
+  train_user = pos[known]
+  train_item = ranking_metrics.index_of(catalog, train_rows[item][known])
   by_user = np.argsort(query_of, kind="stable")
   starts = np.searchsorted(query_of[by_user], np.arange(len(users) + 1))
   counts = np.diff(starts)[train_user]
   seen_queries = by_user[np.repeat(starts[train_user], counts) +
                          _ragged_arange(counts)]
-  seen_items = np.repeat(ranking_metrics.index_of(catalog, train_item), counts)
+  seen_items = np.repeat(train_item, counts)
   ok = seen_items >= 0
-  results = ranking_metrics.full_catalog_metrics(
-      lambda q: queries[q] @ candidates.T, seen_queries[ok], seen_items[ok],
-      np.arange(n), ranking_metrics.index_of(catalog, held[item]), len(catalog),
-      ks=rc.eval_ks, with_mrr=True)
-  results = {k.replace("hr@", "recall@"): v for k, v in results.items()}
+  # Candidates are embedded chunk by chunk: memory does not grow with the
+  # catalog.
+  results = retrieval_metrics.streaming_metrics(
+      queries, lambda a, b: model.candidate_embedding(
+          tf.constant(catalog[a:b])).numpy(), len(catalog),
+      ranking_metrics.index_of(catalog, held[item]), seen_queries[ok],
+      seen_items[ok], ks=rc.eval_ks, chunk=rc.eval_chunk)
   logging.info("Full-catalog evaluation: %d queries x %d candidates (%.1fs).",
                n, len(catalog), time.time() - t0)
   return _write_eval(model, config, write_dir, results)

@@ -144,9 +144,9 @@ class TwoTower(tfrs.models.Model):
     dims = dict(id_dims)
     self.categorical = {}
     for f in self.spec.query + self.spec.candidate:
-      if f.type != "categorical":
+      if f.type not in ("categorical", "text"):
         continue
-      if f.source != "row":
+      if f.source != "row" and f.type == "categorical":
         tokens = set()
         for v in self.side[f.source].values[f.col]:
           tokens.update(t for t in (str(v).split(f.separator) if f.separator
@@ -190,6 +190,15 @@ class TwoTower(tfrs.models.Model):
       if f.batch_norm:
         self.batch_norm[f.name] = tf_keras.layers.BatchNormalization(
             name=f"{f.name}_bn")
+    # Pretrained vectors: from a side file, one row per ID (the last, zeros,
+    # for unknown IDs); from the rows, parsed in the model.
+    self.pretrained = {}
+    for f in self.spec.query + self.spec.candidate:
+      if f.type == "pretrained" and f.source != "row":
+        vectors = features_lib.parse_vectors(
+            self.side[f.source].values[f.col], f.separator)
+        self.pretrained[f.name] = tf.Variable(
+            vectors, trainable=f.trainable, name=f"{f.name}_pretrained")
     # Recency weights of histories: one log-weight per age.
     self.recency = {}
     for f in self.spec.query:
@@ -295,12 +304,16 @@ class TwoTower(tfrs.models.Model):
         else:
           weights[f.name] = ids.with_flat_values(tf.repeat(
               1.0 / tf.cast(tf.maximum(lengths, 1), tf.float32), lengths))
-      elif f.type == "categorical":
+      elif f.type in ("categorical", "text"):
         values = self._values(f, features, side)
         if values.dtype != tf.string:
           values = tf.strings.as_string(values)
-        tokens = (features_lib._split(values, f.separator) if f.separator  # pylint: disable=protected-access
-                  else tf.RaggedTensor.from_tensor(values[:, None]))
+        if f.type == "text":
+          tokens = features_lib.text_tokens(values)
+        elif f.separator:
+          tokens = features_lib._split(values, f.separator)  # pylint: disable=protected-access
+        else:
+          tokens = tf.RaggedTensor.from_tensor(values[:, None])
         lookup = self.categorical[f.name]
         flat = (lookup(tokens.flat_values) if lookup is not None else
                 tf.strings.to_hash_bucket_fast(tokens.flat_values, f.num_bins))
@@ -313,8 +326,15 @@ class TwoTower(tfrs.models.Model):
   def _dense_inputs(self, tower: str, features, side, emb, training) -> tf.Tensor:
     parts = []
     for f in getattr(self.spec, tower):
-      if f.type in ("id", "history", "categorical"):
+      if f.type in ("id", "history", "categorical", "text"):
         parts.append(emb[f.col if f.type == "id" else f.name])
+      elif f.type == "pretrained" and f.source != "row":
+        parts.append(tf.gather(self.pretrained[f.name],
+                               side[f.source]["__index__"]))
+      elif f.type == "pretrained":
+        tokens = features_lib._split(features[f.col], f.separator or " ")  # pylint: disable=protected-access
+        parts.append(tf.strings.to_number(tokens, tf.float32).to_tensor(
+            shape=[None, f.dim]))
       elif f.type == "numeric":
         x = tf.cast(self._values(f, features, side), tf.float32)[:, None]
         mean, std = self.numeric_stats[f.name]
