@@ -34,6 +34,8 @@ setuptools.setup(
             "scipy==1.17.1",
             "matplotlib==3.11.2",
         ],
+        # Experiment tracking: --mlflow_uri.
+        "mlflow": ["mlflow-skinny==3.17.2"],
         "test": [
             "pytest==9.2.0",
             # The launchers' golden tests build CustomJob protos.
@@ -43,6 +45,7 @@ setuptools.setup(
             "implicit==0.7.3",
             "scipy==1.17.1",
             "matplotlib==3.11.2",
+            "mlflow-skinny==3.17.2",
         ],
     },
 )

@@ -45,7 +45,7 @@ def main(argv):
     out = np.random.default_rng([1, start]).normal(size=(end - start, d))
     # Plant the held-out items near their queries so the metrics are not 0.
     inside = np.flatnonzero((targets >= start) & (targets < end))
-    out[targets[inside] - start] = queries[inside] + 0.5 * out[
+    out[targets[inside] - start] = 0.3 * queries[inside] + out[
         targets[inside] - start]
     return out.astype(np.float32)
 

@@ -226,8 +226,21 @@ class LearnsAndExportsTest(tf.test.TestCase):
                            "source": "item"}]}
     text, fields = presets.apply("history", json.dumps(spec))
     config = _config(tmp, text, **fields)
-    config = config_lib.replace(config, train={"epochs": 1})
+    # MLflow's file store is in maintenance mode; it still serves tests.
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    config = config_lib.replace(
+        config, train={"epochs": 1},
+        runtime={"mlflow_uri": f"file://{tmp}/mlruns",
+                 "mlflow_experiment": "test"})
     summary = train.train_and_evaluate(config)
+    import mlflow  # pylint: disable=g-import-not-at-top
+    client = mlflow.tracking.MlflowClient(f"file://{tmp}/mlruns")
+    run = client.get_run(summary["mlflow_run_id"])
+    self.assertEqual(run.data.params["model.kind"], "two_tower")
+    self.assertAlmostEqual(run.data.metrics["eval.recall_at_10"],
+                           summary["eval"]["recall@10"], places=6)
+    self.assertEqual({a.path for a in client.list_artifacts(run.info.run_id)},
+                     {"config.json", "metrics.json", "item_embeddings.parquet"})
     version = summary["export_dir"]
     model = train.load_model(f"{tmp}/model")
     # Frozen pretrained vectors come back exactly as the file gives them.

@@ -236,6 +236,10 @@ class RuntimeConfig:
       for this long (or, on the same host, its pid is gone).
     tensorboard_dir: If set, TensorBoard events (train/, eval/) go here
       instead of model_dir (on Vertex AI: AIP_TENSORBOARD_LOG_DIR).
+    mlflow_uri: If set, the chief logs the run's settings, metrics and
+      small artifacts (config, metrics, item embeddings) to this MLflow
+      tracking URI (the `mlflow` extra).
+    mlflow_experiment: The MLflow experiment.
   """
   strategy: str = "default"
   tpu: str = ""
@@ -244,6 +248,8 @@ class RuntimeConfig:
   export_dir: str = ""
   tensorboard_dir: str = ""
   lock_timeout_secs: float = 60.0
+  mlflow_uri: str = ""
+  mlflow_experiment: str = "cf-trainer"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,13 +80,6 @@ def streaming_metrics(queries: np.ndarray, candidates: Candidates,
     q = by_target[lo:hi]
     target_score[q] = np.einsum("qd,qd->q", queries[q],
                                 emb[targets[q] - start])
-  target_seen = np.zeros(num_q, bool)
-  if len(seen_q):
-    key = seen_q * (num_candidates + 1) + seen_i
-    t_key = np.arange(num_q) * (num_candidates + 1) + np.where(valid, targets,
-                                                               num_candidates)
-    target_seen = np.isin(t_key, key)
-
   # Pass 2: counts of candidates at or above the held-out item, and top-K.
   above = np.zeros(num_q, np.int64)
   top_s = np.full((num_q, k_max), -np.inf, np.float32)
@@ -105,6 +98,11 @@ def streaming_metrics(queries: np.ndarray, candidates: Candidates,
       # ~(s < t): s >= t, and True for a NaN s (pessimistic).
       beats = ~(scores < t)
       beats[rows, cols] = False  # Seen items are not candidates.
+      # Nor is the held-out item itself (its score here may differ from
+      # pass 1's in the last bit: never count it).
+      mine = np.flatnonzero((targets[q0:q1] >= start) &
+                            (targets[q0:q1] < end))
+      beats[mine, targets[q0 + mine] - start] = False
       above[q0:q1] += np.count_nonzero(beats, axis=1)
       scores[rows, cols] = -np.inf
       scores = np.where(np.isnan(scores), -np.inf, scores)
@@ -116,8 +114,7 @@ def streaming_metrics(queries: np.ndarray, candidates: Candidates,
       best = np.argsort(-merged_s, axis=1, kind="stable")[:, :k_max]
       top_s[q0:q1] = np.take_along_axis(merged_s, best, 1)
       top_i[q0:q1] = np.take_along_axis(merged_i, best, 1)
-  # The held-out item counted itself (t >= t) unless it is a seen item.
-  ranks = above - (~target_seen).astype(np.int64)
+  ranks = above
   ranks[~valid | np.isnan(target_score)] = _MISS
   gains = 1.0 / np.log2(ranks.astype(np.float64) + 2.0)
   out: Dict[str, object] = {}

@@ -121,6 +121,9 @@ flags.DEFINE_float("lock_timeout_secs", None,
                    "A second run on the same --model_dir is refused while the "
                    "first renews its lease; a holder silent this long is "
                    "taken over.")
+flags.DEFINE_string("mlflow_uri", None, "MLflow tracking URI: log settings, "
+                    "metrics and artifacts there (pip install .[mlflow]).")
+flags.DEFINE_string("mlflow_experiment", None, "MLflow experiment name.")
 flags.DEFINE_string("work_dir", "work/demo", "Demo data and outputs (demo only).")
 
 FLAGS = flags.FLAGS
@@ -140,7 +143,8 @@ _SECTIONS = {
               "lr_schedule", "seed",
               "checkpoint_every_steps", "log_every_steps"],
     "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
-                "export_dir", "lock_timeout_secs", "tensorboard_dir"],
+                "export_dir", "lock_timeout_secs", "tensorboard_dir",
+                "mlflow_uri", "mlflow_experiment"],
 }
 _TABLE_FLAGS = {"embedding_optimizer": "optimizer",
                 "embedding_learning_rate": "learning_rate",

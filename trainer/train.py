@@ -327,6 +327,14 @@ def _train_and_evaluate(config, strategy, write_dir: str,
           model, config, os.path.join(export_dir, "embeddings"))
   with tf.io.gfile.GFile(os.path.join(write_dir, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  if runtime.mlflow_uri and write_dir == model_dir:
+    from trainer import tracking  # pylint: disable=g-import-not-at-top
+    artifacts = [os.path.join(write_dir, "config.json"),
+                 os.path.join(write_dir, "metrics.json")]
+    if summary.get("export_dir"):
+      artifacts += [os.path.join(summary["export_dir"], name) for name in
+                    ("item_embeddings.parquet", "user_embeddings.parquet")]
+    summary["mlflow_run_id"] = tracking.log_run(config, summary, artifacts)
   if write_dir != model_dir:
     tf.io.gfile.rmtree(write_dir)  # Only the chief's outputs are kept.
   _log_summary(summary)
