@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from trainer import ranking_metrics
+from trainer.metrics import ranking as ranking_metrics
 
 
 def _check_interactions(train_users, train_items, num_users: int,

@@ -201,14 +201,14 @@ def _written_order(folder: str) -> Optional[str]:
 
 def index_of(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
   """Position of each of `ids` in `sorted_ids`, -1 where absent."""
-  from trainer import ranking_metrics  # pylint: disable=g-import-not-at-top
+  from trainer.metrics import ranking as ranking_metrics  # pylint: disable=g-import-not-at-top
   return ranking_metrics.index_of(sorted_ids, ids)
 
 
 def evaluate(score_fn: Callable[[np.ndarray], np.ndarray], split: Split,
              sampled: bool = True) -> Dict[str, float]:
   """Full-catalog HR/NDCG@10,20,50 (and the sampled @10) of a scorer."""
-  from trainer import ranking_metrics  # pylint: disable=g-import-not-at-top
+  from trainer.metrics import ranking as ranking_metrics  # pylint: disable=g-import-not-at-top
   args = (split.train_users, split.train_items, split.eval_users,
           split.eval_items, split.num_items)
   out = ranking_metrics.full_catalog_metrics(score_fn, *args, ks=(10, 20, 50))

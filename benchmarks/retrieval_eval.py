@@ -17,7 +17,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from trainer import retrieval_metrics
+from trainer.metrics import retrieval as retrieval_metrics
 
 _CANDIDATES = flags.DEFINE_integer("candidates", 1_000_000, "Catalog size.")
 _QUERIES = flags.DEFINE_integer("queries", 10_000, "Queries.")
@@ -45,7 +45,7 @@ def main(argv):
     out = np.random.default_rng([1, start]).normal(size=(end - start, d))
     # Plant the held-out items near their queries so the metrics are not 0.
     inside = np.flatnonzero((targets >= start) & (targets < end))
-    out[targets[inside] - start] = 0.3 * queries[inside] + out[
+    out[targets[inside] - start] = 0.5 * queries[inside] + out[
         targets[inside] - start]
     return out.astype(np.float32)
 

@@ -138,7 +138,7 @@ def _our_model(optimizer, steps_per_execution=16):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
   from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
   from trainer import embedding  # pylint: disable=g-import-not-at-top
-  from trainer import model as model_lib  # pylint: disable=g-import-not-at-top
+  from trainer.models import mf as model_lib  # pylint: disable=g-import-not-at-top
   tables = tuple(config_lib.TableConfig(f, num_bins=TABLE_ROWS, salt=i + 1,
                                         optimizer=optimizer)
                  for i, f in enumerate(("user_id", "item_id")))

@@ -11,7 +11,7 @@ from benchmarks import hash_vs_vocab
 from benchmarks import protocol
 from benchmarks import quality
 from trainer import config as config_lib
-from trainer import model as model_lib
+from trainer.models import mf as model_lib
 
 # user, item, timestamp. Per user, the latest row is the test item and the one
 # before it the validation item; user 3 has two rows and keeps both in train.

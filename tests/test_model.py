@@ -8,7 +8,7 @@ import tf_keras
 
 from trainer import config as config_lib
 from trainer import embedding
-from trainer import model as model_lib
+from trainer.models import mf as model_lib
 
 
 def tiny_config(**model_fields):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import ranking_metrics as rm
+from trainer.metrics import ranking as rm
 
 
 def _table_scorer(table):

@@ -3,8 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
-from trainer import ranking_metrics
-from trainer import retrieval_metrics
+from trainer.metrics import ranking as ranking_metrics
+from trainer.metrics import retrieval as retrieval_metrics
 
 
 class StreamingMetricsTest(tf.test.TestCase):

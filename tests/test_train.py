@@ -17,7 +17,7 @@ import tensorflow as tf
 from input import synthetic
 from trainer import config as config_lib
 from trainer import export
-from trainer import model as model_lib
+from trainer.models import mf as model_lib
 from trainer.train import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,11 +14,11 @@ import tensorflow as tf
 
 from input import synthetic
 from trainer import config as config_lib
-from trainer import features
-from trainer import presets
-from trainer import ranking_metrics
 from trainer import train
-from trainer import two_tower
+from trainer.metrics import ranking as ranking_metrics
+from trainer.models import features
+from trainer.models import presets
+from trainer.models import two_tower
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,7 +305,8 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from trainer import config as config_lib, two_tower
+from trainer import config as config_lib
+from trainer.models import two_tower
 spec = json.dumps({"query": [{"name": "user_id", "type": "id"}],
                    "candidate": [{"name": "item_id", "type": "id"}]})
 def build(global_negatives):

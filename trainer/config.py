@@ -11,8 +11,6 @@ OPTIMIZERS = ("adagrad", "sgd", "adam", "lazy_adam")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MODEL_KINDS = ("mf", "two_tower")
 LOGQ_MODES = ("none", "streaming", "counts")
-# parameter_server is accepted (the Vertex AI launcher emits it for jobs with
-# parameter servers) but not implemented yet: make_strategy says so.
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu",
               "parameter_server")
 
@@ -154,7 +152,7 @@ class RetrievalConfig:
   Attributes:
     features: The feature configuration, as JSON text (the contents of
       --features=FILE, or a preset's): side files and each tower's features;
-      see trainer/features.py for the format. Kept in config.json, so a run
+      see trainer/models/features.py for the format. Kept in config.json, so a run
       is reproducible without the file.
     tower_widths: Hidden layer widths of both towers' MLPs (ReLU); the last
       layer is linear, of output_dim.
@@ -240,6 +238,8 @@ class RuntimeConfig:
       small artifacts (config, metrics, item embeddings) to this MLflow
       tracking URI (the `mlflow` extra).
     mlflow_experiment: The MLflow experiment.
+    min_shard_bytes: parameter_server: tables are split by rows into shards
+      of at least this size, one per parameter server at most.
   """
   strategy: str = "default"
   tpu: str = ""
@@ -250,6 +250,7 @@ class RuntimeConfig:
   lock_timeout_secs: float = 60.0
   mlflow_uri: str = ""
   mlflow_experiment: str = "cf-trainer"
+  min_shard_bytes: int = 256 << 10
 
 
 @dataclasses.dataclass(frozen=True)

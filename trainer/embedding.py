@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 from absl import logging
+from tensorflow.python.distribute import sharded_variable  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -318,3 +319,40 @@ class EmbeddingTables(tf_keras.layers.Layer):
                self._tpu_embedding.embedding_tables.items()}
     return {f: by_name[f"{f}_table"] for f in self._features
             if self._table_of[f] == f}
+
+
+def table_parts(table) -> List[tf.Variable]:
+  """The variables a table is made of: its shards if sharded, else itself."""
+  if isinstance(table, sharded_variable.ShardedVariable):
+    return list(table.variables)
+  return [table]
+
+
+def sparse_train_step(model: tf_keras.Model, inputs) -> Dict[str, tf.Tensor]:
+  """One step of a model whose tables live in `model.embedding`.
+
+  Each table has its own optimizer (row-sparse updates); the rest (global
+  bias, towers) uses compile's.
+  """
+  with tf.GradientTape() as tape:
+    loss = model.compute_loss(inputs, training=True)
+  variables = model.trainable_variables
+  grads = dict(zip((v.ref() for v in variables),
+                   tape.gradient(loss, variables)))
+  owned = set()
+  for feature, table in model.embedding.tables().items():
+    # Under parameter servers a table is a ShardedVariable: its shards, not
+    # the table, are the trainable variables.
+    parts = table_parts(table)
+    pairs = [(grads[p.ref()], p) for p in parts
+             if p.ref() in grads and grads[p.ref()] is not None]
+    if pairs:
+      model.embedding.optimizers[feature].apply_gradients(pairs)
+    owned.update(p.ref() for p in parts)
+  model.optimizer.apply_gradients(
+      [(g, v.deref()) for v, g in grads.items()
+       if v not in owned and g is not None])
+  # Each replica returns its share of the global-batch mean loss; Keras sums
+  # the replicas' outputs (distribute_reduction_method="sum", set by the
+  # trainer), which gives the step's loss under every strategy.
+  return {"loss": loss}

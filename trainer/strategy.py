@@ -17,9 +17,11 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   Returns:
     The strategy; everything after this runs under its scope.
 
+  Under parameter_server, a process whose TF_CONFIG task is a worker or a
+  parameter server does not return: it serves the chief until it is stopped.
+
   Raises:
-    ValueError: For an unknown strategy name, or parameter_server (not
-      implemented yet).
+    ValueError: For an unknown strategy name.
   """
   if runtime.num_cpu_devices > 1:
     # Logical CPU devices let the mirrored strategy run (and be tested) on one
@@ -44,8 +46,20 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
     environment.export_tf_config(os.environ)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   elif name == "parameter_server":
-    raise ValueError("--strategy=parameter_server is not supported yet; use "
-                     "multi_worker (several workers, no parameter servers).")
+    environment.export_tf_config(os.environ)
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if resolver.task_type in ("worker", "ps"):
+      _serve(resolver)
+    num_ps = len(resolver.cluster_spec().as_dict().get("ps", []))
+    if not num_ps:
+      raise ValueError("--strategy=parameter_server needs parameter servers "
+                       "in TF_CONFIG's cluster (a 'ps' job).")
+    # Each table is split by rows over the parameter servers (shards of at
+    # least min_shard_bytes), so no host needs to hold a whole table.
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=runtime.min_shard_bytes, max_shards=num_ps)
+    strategy = tf.distribute.experimental.ParameterServerStrategy(
+        resolver, variable_partitioner=partitioner)
   elif name == "tpu":
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu="" if runtime.tpu == "local" else runtime.tpu)
@@ -57,6 +71,22 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   logging.info("Strategy: %s with %d replica(s).", type(strategy).__name__,
                strategy.num_replicas_in_sync)
   return strategy
+
+
+def _serve(resolver) -> None:
+  """Runs this worker or parameter server for the chief; never returns."""
+  server = tf.distribute.Server(
+      resolver.cluster_spec(), job_name=resolver.task_type,
+      task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc",
+      start=True)
+  logging.info("Serving as %s %d of the parameter-server cluster; the chief "
+               "drives training.", resolver.task_type, resolver.task_id)
+  server.join()
+
+
+def is_parameter_server(strategy: tf.distribute.Strategy) -> bool:
+  return isinstance(strategy,
+                    tf.distribute.experimental.ParameterServerStrategy)
 
 
 def is_tpu(strategy: tf.distribute.Strategy) -> bool:

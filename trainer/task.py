@@ -77,7 +77,7 @@ flags.DEFINE_enum("model", None, config_lib.MODEL_KINDS,
                   "mf: matrix factorization (ranking); two_tower: retrieval "
                   "with feature towers.")
 flags.DEFINE_string("features", None, "Two-tower feature configuration "
-                    "(JSON file; format in trainer/features.py).")
+                    "(JSON file; format in trainer/models/features.py).")
 flags.DEFINE_enum("preset", None, ["bn", "bn_logq", "bn_logq_l2", "history"],
                   "Two-tower preset applied to --features.")
 flags.DEFINE_list("tower_widths", None, "Hidden widths of both towers' MLPs.")
@@ -121,6 +121,8 @@ flags.DEFINE_float("lock_timeout_secs", None,
                    "A second run on the same --model_dir is refused while the "
                    "first renews its lease; a holder silent this long is "
                    "taken over.")
+flags.DEFINE_integer("min_shard_bytes", None, "parameter_server: smallest "
+                     "shard of a table split over the parameter servers.")
 flags.DEFINE_string("mlflow_uri", None, "MLflow tracking URI: log settings, "
                     "metrics and artifacts there (pip install .[mlflow]).")
 flags.DEFINE_string("mlflow_experiment", None, "MLflow experiment name.")
@@ -144,7 +146,7 @@ _SECTIONS = {
               "checkpoint_every_steps", "log_every_steps"],
     "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
                 "export_dir", "lock_timeout_secs", "tensorboard_dir",
-                "mlflow_uri", "mlflow_experiment"],
+                "mlflow_uri", "mlflow_experiment", "min_shard_bytes"],
 }
 _TABLE_FLAGS = {"embedding_optimizer": "optimizer",
                 "embedding_learning_rate": "learning_rate",
@@ -205,7 +207,7 @@ def config_from_flags() -> config_lib.Config:
 
 def _retrieval_fields(given):
   """--features (file), --preset and the list flags -> RetrievalConfig fields."""
-  from trainer import presets  # pylint: disable=g-import-not-at-top
+  from trainer.models import presets  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   fields = {}
   text = ""

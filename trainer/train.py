@@ -26,12 +26,11 @@ from trainer import config as config_lib
 from trainer import embedding
 from trainer import environment
 from trainer import export
-from trainer import model as model_lib
-from trainer import ranking_metrics
-from trainer import retrieval_metrics
+from trainer import models
 from trainer import run_lock
 from trainer import strategy as strategy_lib
-from trainer import two_tower
+from trainer.metrics import ranking as ranking_metrics
+from trainer.metrics import retrieval as retrieval_metrics
 
 
 class _Progress(tf_keras.callbacks.Callback):
@@ -44,8 +43,8 @@ class _Progress(tf_keras.callbacks.Callback):
     self._start = start_step
     self._total = total_steps
     self._batch = examples_per_step
-    self._log_every = log_every
-    self._ckpt_every = checkpoint_every
+    self.log_every = log_every
+    self.checkpoint_every = checkpoint_every
     self._manager = manager
     self._writer = tf.summary.create_file_writer(
         os.path.join(model_dir, "train"))
@@ -59,7 +58,7 @@ class _Progress(tf_keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     step = self._start + batch + 1
     self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
-    if step - self._last_log >= self._log_every or step == self._total:
+    if step - self._last_log >= self.log_every or step == self._total:
       now = time.time()
       rate = (step - self._last_log) * self._batch / max(now - self._t_log, 1e-9)
       eta = (self._total - step) * self._batch / max(rate, 1e-9)
@@ -71,7 +70,7 @@ class _Progress(tf_keras.callbacks.Callback):
           tf.summary.scalar(k, v)
         tf.summary.scalar("examples_per_sec", rate)
       self._last_log, self._t_log = step, now
-    if step - self._last_ckpt >= self._ckpt_every:
+    if step - self._last_ckpt >= self.checkpoint_every:
       self._manager.save(checkpoint_number=step)
       self._last_ckpt = step
 
@@ -155,19 +154,11 @@ def _scan_training_files(config, files, model_dir: str, stats):
   return scans, config
 
 
-def build_model(config, on_tpu: bool = False, total_steps: int = 0):
-  """The model `config.model.kind` names: MatrixFactorization or TwoTower."""
-  if config.model.kind == "two_tower":
-    return two_tower.TwoTower(config, on_tpu=on_tpu, total_steps=total_steps)
-  return model_lib.MatrixFactorization(config, on_tpu=on_tpu,
-                                       total_steps=total_steps)
-
-
 def _with_feature_columns(config):
   """Adds the row columns a two-tower model's features read to the input's."""
   if config.model.kind != "two_tower":
     return config
-  from trainer import features as features_lib  # pylint: disable=g-import-not-at-top
+  from trainer.models import features as features_lib  # pylint: disable=g-import-not-at-top
   spec = features_lib.parse(config.retrieval.features,
                             *config.data.id_columns)
   columns = list(config.data.feature_columns)
@@ -257,7 +248,7 @@ def _train_and_evaluate(config, strategy, write_dir: str,
                total_steps * rows_per_step / max(rows, 1))
 
   with strategy.scope():
-    model = build_model(config, on_tpu=on_tpu, total_steps=total_steps)
+    model = models.build_model(config, on_tpu=on_tpu, total_steps=total_steps)
     model.compile(optimizer=embedding.make_optimizer(
         train.optimizer, train.learning_rate, schedule=train.lr_schedule,
         total_steps=total_steps),
@@ -265,6 +256,11 @@ def _train_and_evaluate(config, strategy, write_dir: str,
     # Sum, not Keras' TPU default "first": train_step returns each replica's
     # share of the loss.
     model.distribute_reduction_method = "sum"
+  if strategy_lib.is_parameter_server(strategy):
+    for name, table in model.embedding.tables().items():
+      parts = embedding.table_parts(table)
+      logging.info("%s_table: %d shards on %s.", name, len(parts), ", ".join(
+          sorted(p.device.replace("/device:CPU:0", "") for p in parts)))
   checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=3)
   latest = tf.train.latest_checkpoint(model_dir)  # The chief's, for everyone.
@@ -280,21 +276,29 @@ def _train_and_evaluate(config, strategy, write_dir: str,
 
   vocab = (config.model.table(data.item_column).vocab_file
            if config.model.id_mode == "vocab" else "")
-  train_ds = strategy.distribute_datasets_from_function(
-      lambda ctx: csv_dataset.make_dataset(
-          data, train_files, train.batch_size, training=True, seed=train.seed,
-          repeat=True, drop_remainder=on_tpu, skip_steps=start_step,
-          input_context=ctx, stats=train_stats,
-          negative_catalog=data.negative_catalog or vocab))
+  make_dataset = lambda ctx=None: csv_dataset.make_dataset(
+      data, train_files, train.batch_size, training=True, seed=train.seed,
+      repeat=True, drop_remainder=on_tpu, skip_steps=start_step,
+      input_context=ctx, stats=train_stats,
+      negative_catalog=data.negative_catalog or vocab)
   progress = _Progress(start_step, total_steps, examples_per_step,
                        train.log_every_steps, train.checkpoint_every_steps,
                        manager, environment.summary_dir(runtime, write_dir))
+  parameter_servers = strategy_lib.is_parameter_server(strategy)
   t0 = time.time()
   try:
-    if start_step < total_steps:
-      model.fit(train_ds, epochs=1, steps_per_epoch=total_steps - start_step,
+    if start_step < total_steps and parameter_servers:
+      _fit_with_coordinator(model, strategy, make_dataset(), start_step,
+                            total_steps, progress)
+    elif start_step < total_steps:
+      model.fit(strategy.distribute_datasets_from_function(make_dataset),
+                epochs=1, steps_per_epoch=total_steps - start_step,
                 callbacks=[progress], verbose=0)
     manager.save(checkpoint_number=total_steps)
+    if parameter_servers:
+      # The tables are sharded over the parameter servers; the chief
+      # evaluates and exports a whole copy of the trained model.
+      model = _local_copy(config, manager.latest_checkpoint)
     summary: Dict[str, Any] = {
         "steps": total_steps, "resumed_from_step": start_step,
         "train_seconds": round(time.time() - t0, 2),
@@ -339,6 +343,50 @@ def _train_and_evaluate(config, strategy, write_dir: str,
     tf.io.gfile.rmtree(write_dir)  # Only the chief's outputs are kept.
   _log_summary(summary)
   return summary
+
+
+def _fit_with_coordinator(model, strategy, dataset: tf.data.Dataset,
+                          start_step: int, total_steps: int,
+                          progress: _Progress) -> None:
+  """Trains under parameter servers: the chief reads, the workers step.
+
+  The input pipeline runs on the chief (it is Python: it cannot be shipped to
+  the workers), and each global batch goes with its step to whichever worker
+  is free (ClusterCoordinator.schedule). Workers apply their updates to the
+  parameter servers asynchronously. The coordinator waits for the steps in
+  flight before each progress line and checkpoint, so a checkpoint holds
+  exactly the steps it is numbered by.
+  """
+  coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(
+      strategy)
+
+  @tf.function
+  def step(features, labels):
+    return strategy.run(lambda f, l: model.train_step((f, l))["loss"],
+                        args=(features, labels))
+
+  every = max(1, min(progress.log_every, progress.checkpoint_every))
+  batches = iter(dataset)
+  progress.on_train_begin()
+  for done, _ in enumerate(range(start_step, total_steps), start=1):
+    features, labels = next(batches)
+    loss = coordinator.schedule(step, args=(features, labels))
+    if done % every == 0 or start_step + done == total_steps:
+      coordinator.join()
+      progress.on_train_batch_end(done - 1, {"loss": float(loss.fetch())})
+  coordinator.join()
+  progress.on_train_end()
+
+
+def _local_copy(config, checkpoint_path: str):
+  """The model of `checkpoint_path`, whole, on this host (no strategy)."""
+  with tf.distribute.get_strategy().scope():
+    model = models.build_model(config)
+    model.compile(optimizer=embedding.make_optimizer(
+        config.train.optimizer, config.train.learning_rate))
+  tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(
+      checkpoint_path).expect_partial()
+  return model
 
 
 def _evaluate(model, config, files, stats, on_tpu, negative_catalog: str,
@@ -447,7 +495,7 @@ def load_model(model_dir: str):
   config = config_lib.load(os.path.join(model_dir, "config.json"))
   if config is None:
     raise FileNotFoundError(f"No config.json in {model_dir}.")
-  model = build_model(config)
+  model = models.build_model(config)
   tf.train.Checkpoint(model=model).restore(
       tf.train.latest_checkpoint(model_dir)).expect_partial()
   return model

@@ -6,7 +6,7 @@ candidates that beat its held-out item. Memory is O(query_block * chunk +
 queries * K), whatever the catalog size; time is one pass of matrix products
 (plus a cheap first pass for the held-out items' own scores).
 
-Ranks follow trainer.ranking_metrics exactly (pessimistic ties: every other
+Ranks follow trainer.metrics.ranking exactly (pessimistic ties: every other
 candidate scoring >= the held-out item counts above it; a NaN score beats it;
 seen items are not candidates; an item outside the catalog is a miss), so the
 numbers equal full_catalog_metrics on the same scores (up to the rounding of

@@ -36,32 +36,6 @@ def _ranking_task() -> tfrs.tasks.Ranking:
       label_metrics=[tf_keras.metrics.Mean(name="label_mean")])
 
 
-def sparse_train_step(model: tfrs.models.Model, inputs) -> Dict[str, tf.Tensor]:
-  """One step of a model whose tables live in `model.embedding`.
-
-  Each table has its own optimizer (row-sparse updates); the rest (global
-  bias, towers) uses compile's.
-  """
-  with tf.GradientTape() as tape:
-    loss = model.compute_loss(inputs, training=True)
-  variables = model.trainable_variables
-  grads = dict(zip((v.ref() for v in variables),
-                   tape.gradient(loss, variables)))
-  owned = set()
-  for feature, table in model.embedding.tables().items():
-    if table.ref() in grads and grads[table.ref()] is not None:
-      model.embedding.optimizers[feature].apply_gradients(
-          [(grads[table.ref()], table)])
-    owned.add(table.ref())
-  model.optimizer.apply_gradients(
-      [(g, v.deref()) for v, g in grads.items()
-       if v not in owned and g is not None])
-  # Each replica returns its share of the global-batch mean loss; Keras sums
-  # the replicas' outputs (distribute_reduction_method="sum", set by the
-  # trainer), which gives the step's loss under every strategy.
-  return {"loss": loss}
-
-
 class MatrixFactorization(tfrs.models.Model):
   """score = sigmoid(<u[:-1], v[:-1]> + u[-1] + v[-1] + global bias).
 
@@ -134,7 +108,7 @@ class MatrixFactorization(tfrs.models.Model):
     return tf.nn.compute_average_loss(per_example)
 
   def train_step(self, inputs):
-    return sparse_train_step(self, inputs)
+    return embedding.sparse_train_step(self, inputs)
 
   def test_step(self, inputs):
     self.compute_loss(inputs, training=False)

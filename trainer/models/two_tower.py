@@ -20,8 +20,7 @@ import tf_keras
 
 from trainer import config as config_lib
 from trainer import embedding
-from trainer import features as features_lib
-from trainer import model as model_lib
+from trainer.models import features as features_lib
 
 
 class StreamingFrequency(tf_keras.layers.Layer):
@@ -426,7 +425,7 @@ class TwoTower(tfrs.models.Model):
     return tf.nn.compute_average_loss(per_example)
 
   def train_step(self, inputs):
-    return model_lib.sparse_train_step(self, inputs)
+    return embedding.sparse_train_step(self, inputs)
 
   def test_step(self, inputs):
     return {"loss": self.compute_loss(inputs, training=False)}

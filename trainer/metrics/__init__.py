@@ -1,0 +1,1 @@
+"""Exact full-catalog ranking metrics, shared by the trainer and the benchmarks."""
