@@ -52,6 +52,40 @@ class RunLockTest(tf.test.TestCase):
     with self.assertRaisesRegex(run_lock.RunLockHeld, "host elsewhere, pid 1"):
       run_lock.RunLock(folder, timeout_secs=30).acquire()
 
+  def test_a_run_that_loses_its_lease_stops_before_its_next_checkpoint(self):
+    # Two starts within the same instant on gs:// can both pass acquire (no
+    # atomic create there); the one whose record was overwritten must stop.
+    folder = self.get_temp_dir()
+    data = os.path.join(folder, "data")
+    synthetic.write_log(data, num_rows=40_000, num_users=300, num_items=100,
+                        num_shards=2)
+    flags = [f"--train_files={data}/train-*", "--num_bins=5000",
+             "--batch_size=64", "--epochs=200", "--steps_per_execution=1",
+             "--checkpoint_every_steps=50", "--lock_timeout_secs=2",
+             f"--model_dir={folder}/run"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.task", *flags],
+                            cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    path = os.path.join(folder, "run", run_lock.LOCK_NAME)
+    deadline = time.time() + 120
+    while not tf.train.latest_checkpoint(f"{folder}/run"):
+      self.assertLess(time.time(), deadline, "no checkpoint in 120 s")
+      time.sleep(0.2)
+    with open(path, "w") as f:  # The other run's record lands.
+      json.dump({"host": "elsewhere", "pid": 1, "heartbeat": time.time(),
+                 "token": "theirs", "started": "now"}, f)
+    taken = time.time()
+    log = proc.communicate(timeout=120)[0]
+    self.assertEqual(proc.returncode, 1, log[-2000:])
+    self.assertIn("lost", log)
+    self.assertIn("host elsewhere pid 1", log)
+    self.assertLess(time.time() - taken, 60)
+    # It wrote nothing after the loss and left the other run's record.
+    with open(path) as f:
+      self.assertEqual(json.load(f)["token"], "theirs")
+    last = int(tf.train.latest_checkpoint(f"{folder}/run").split("-")[-1])
+    self.assertLess(last, 200 * 40_000 * 0.9 // 64)
+
   def test_second_trainer_is_refused_and_a_killed_one_does_not_block(self):
     folder = self.get_temp_dir()
     data = os.path.join(folder, "data")

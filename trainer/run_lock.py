@@ -61,6 +61,7 @@ class RunLock:
                     "token": uuid.uuid4().hex,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     self._stop = threading.Event()
+    self._lost = threading.Event()
     self._thread = None
 
   def _read(self):
@@ -125,14 +126,24 @@ class RunLock:
     while not self._stop.wait(self._timeout / 4):
       current = self._read()
       if not current or current.get("token") != self._record["token"]:
+        self._lost_to = current or {}
         logging.error("%s is now held by host %s pid %s: this run lost its "
-                      "lease and stops renewing it.", self.path,
+                      "lease and stops.", self.path,
                       (current or {}).get("host"), (current or {}).get("pid"))
+        self._lost.set()
         return
       try:
         self._write(exclusive=False)
       except tf.errors.OpError as e:  # A passing storage error: next time.
         logging.warning("Could not renew %s: %s", self.path, e)
+
+  def check(self) -> None:
+    """Raises RunLockHeld if another run took the lease (e.g. two starts on
+    gs:// within the same instant): the caller stops before writing more."""
+    if self._lost.is_set():
+      raise RunLockHeld(
+          f"This run lost {self.path} to host {self._lost_to.get('host')} "
+          f"pid {self._lost_to.get('pid')} and stopped; that run goes on.")
 
   def release(self) -> None:
     """Stops renewing and removes the lease if it is still this run's."""

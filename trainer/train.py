@@ -38,8 +38,10 @@ class _Progress(tf_keras.callbacks.Callback):
 
   def __init__(self, start_step: int, total_steps: int, examples_per_step: int,
                log_every: int, checkpoint_every: int,
-               manager: tf.train.CheckpointManager, model_dir: str):
+               manager: tf.train.CheckpointManager, model_dir: str,
+               check_lease=lambda: None):
     super().__init__()
+    self._check_lease = check_lease
     self._start = start_step
     self._total = total_steps
     self._batch = examples_per_step
@@ -71,6 +73,7 @@ class _Progress(tf_keras.callbacks.Callback):
         tf.summary.scalar("examples_per_sec", rate)
       self._last_log, self._t_log = step, now
     if step - self._last_ckpt >= self.checkpoint_every:
+      self._check_lease()  # Never write over another run's checkpoints.
       self._manager.save(checkpoint_number=step)
       self._last_ckpt = step
 
@@ -208,12 +211,17 @@ def train_and_evaluate(config) -> Dict[str, Any]:
   lease = (run_lock.RunLock(model_dir, runtime.lock_timeout_secs)
            if write_dir == model_dir else contextlib.nullcontext())
   with lease:
-    return _train_and_evaluate(config, strategy, write_dir, export_dir)
+    check = getattr(lease, "check", lambda: None)
+    return _train_and_evaluate(config, strategy, write_dir, export_dir, check)
 
 
-def _train_and_evaluate(config, strategy, write_dir: str,
-                        export_dir: str) -> Dict[str, Any]:
-  """The run itself, on this worker, once the model_dir is held."""
+def _train_and_evaluate(config, strategy, write_dir: str, export_dir: str,
+                        check_lease) -> Dict[str, Any]:
+  """The run itself, on this worker, once the model_dir is held.
+
+  `check_lease()` raises if the run lost its model_dir to another run; it is
+  called before every checkpoint and before the exports.
+  """
   data, train, runtime = config.data, config.train, config.runtime
   on_tpu = strategy_lib.is_tpu(strategy)
   model_dir = runtime.model_dir
@@ -283,7 +291,8 @@ def _train_and_evaluate(config, strategy, write_dir: str,
       negative_catalog=data.negative_catalog or vocab)
   progress = _Progress(start_step, total_steps, examples_per_step,
                        train.log_every_steps, train.checkpoint_every_steps,
-                       manager, environment.summary_dir(runtime, write_dir))
+                       manager, environment.summary_dir(runtime, write_dir),
+                       check_lease)
   parameter_servers = strategy_lib.is_parameter_server(strategy)
   t0 = time.time()
   try:
@@ -294,6 +303,7 @@ def _train_and_evaluate(config, strategy, write_dir: str,
       model.fit(strategy.distribute_datasets_from_function(make_dataset),
                 epochs=1, steps_per_epoch=total_steps - start_step,
                 callbacks=[progress], verbose=0)
+    check_lease()
     manager.save(checkpoint_number=total_steps)
     if parameter_servers:
       # The tables are sharded over the parameter servers; the chief
