@@ -214,7 +214,9 @@ class LearnsAndExportsTest(tf.test.TestCase):
                       {"name": "occupation", "type": "categorical",
                        "source": "user", "dim": 4},
                       {"name": "hour", "type": "cyclical",
-                       "column": "timestamp", "period": "hour"}],
+                       "column": "timestamp", "period": "hour"},
+                      {"name": "time", "type": "numeric",
+                       "column": "timestamp"}],
             "candidate": [{"name": "item_id", "type": "id"},
                           {"name": "genres", "type": "categorical",
                            "source": "item", "separator": "|", "dim": 4},
@@ -242,6 +244,14 @@ class LearnsAndExportsTest(tf.test.TestCase):
     self.assertEqual({a.path for a in client.list_artifacts(run.info.run_id)},
                      {"config.json", "metrics.json", "item_embeddings.parquet"})
     version = summary["export_dir"]
+    # The row numeric feature was standardised with the log's own moments,
+    # measured in the counting pass and kept in config.json.
+    saved = config_lib.load(f"{tmp}/model/config.json")
+    time_feature = [f for f in json.loads(saved.retrieval.features)["query"]
+                    if f["name"] == "time"][0]
+    self.assertAllClose([time_feature["mean"], time_feature["std"]],
+                        [self.train_rows["timestamp"].mean(),
+                         self.train_rows["timestamp"].std()], rtol=1e-6)
     model = train.load_model(f"{tmp}/model")
     # Frozen pretrained vectors come back exactly as the file gives them.
     self.assertAllClose(model.pretrained["vector"].numpy()[:300],

@@ -31,6 +31,7 @@ from trainer import run_lock
 from trainer import strategy as strategy_lib
 from trainer.metrics import ranking as ranking_metrics
 from trainer.metrics import retrieval as retrieval_metrics
+from trainer.models import features as features_lib
 
 
 class _Progress(tf_keras.callbacks.Callback):
@@ -124,11 +125,22 @@ def _scan_training_files(config, files, model_dir: str, stats):
       cached = json.load(f)
     if cached.get("sizes") == sizes and "scans" in cached:
       scans = {k: csv_dataset.FileScan(**v) for k, v in cached["scans"].items()}
+  numeric = []
+  if model.kind == "two_tower":
+    numeric = features_lib.unscaled_row_numerics(features_lib.parse(
+        config.retrieval.features, *config.data.id_columns))
+  if scans is not None and numeric and "moments" not in cached:
+    scans = None
   if scans is None:
     t0 = time.time()
     counts = vocab_lib.IdCounts(missing) if missing else None
-    scans = csv_dataset.scan_files(config.data, files, stats,
-                                   observe=counts.add if counts else None)
+    moments = features_lib.Moments(numeric) if numeric else None
+    observers = [o.add for o in (counts, moments) if o is not None]
+    scans = csv_dataset.scan_files(
+        config.data, files, stats,
+        observe=(lambda block: [o(block) for o in observers])
+        if observers else None)
+    cached = {"moments": moments.result() if moments else {}}
     logging.info("Counted %d rows in %d files (%.1fs).",
                  sum(s.rows for s in scans.values()), len(files),
                  time.time() - t0)
@@ -143,11 +155,21 @@ def _scan_training_files(config, files, model_dir: str, stats):
                    "%s.", model.min_count, vocab_dir)
     with tf.io.gfile.GFile(cache, "w") as f:
       json.dump({"sizes": sizes, "scans": {k: dataclasses.asdict(v)
-                                           for k, v in scans.items()}}, f)
+                                           for k, v in scans.items()},
+                 "moments": cached["moments"]}, f)
   elif missing:
     logging.info("Reusing the vocabularies this run built: %s.", vocab_dir)
   for message in csv_dataset.order_warnings(config.data, scans):
     logging.warning("%s", message)
+  if numeric:
+    # Numeric row features are standardised with the whole log's moments;
+    # they go into the config (and config.json), so exports carry them.
+    moments = {c: tuple(v) for c, v in cached["moments"].items()}
+    logging.info("Numeric features standardised with (mean, std): %s.",
+                 moments)
+    config = config_lib.replace(config, retrieval={
+        "features": features_lib.with_moments(config.retrieval.features,
+                                              moments)})
   if missing:
     tables = tuple(
         dataclasses.replace(t, vocab_file=os.path.join(vocab_dir,
@@ -161,7 +183,6 @@ def _with_feature_columns(config):
   """Adds the row columns a two-tower model's features read to the input's."""
   if config.model.kind != "two_tower":
     return config
-  from trainer.models import features as features_lib  # pylint: disable=g-import-not-at-top
   spec = features_lib.parse(config.retrieval.features,
                             *config.data.id_columns)
   columns = list(config.data.feature_columns)

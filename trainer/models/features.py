@@ -151,6 +151,53 @@ def parse(text: str, user_column: str, item_column: str) -> FeatureSpec:
                      dict(raw.get("side_files", {})))
 
 
+class Moments:
+  """Mean and deviation of columns, from blocks seen once (thread-safe).
+
+  The trainer's counting pass feeds it, so numeric row features are
+  standardised with statistics of the whole training log.
+  """
+
+  def __init__(self, columns: Sequence[str]):
+    import threading  # pylint: disable=g-import-not-at-top
+    self._lock = threading.Lock()
+    self.sums = {c: np.zeros(3) for c in columns}  # n, sum, sum of squares.
+
+  def add(self, block: Dict[str, np.ndarray]) -> None:
+    for c, acc in self.sums.items():
+      v = np.asarray(block[c], np.float64)
+      part = np.array([len(v), v.sum(), np.square(v).sum()])
+      with self._lock:
+        acc += part
+
+  def result(self) -> Dict[str, Tuple[float, float]]:
+    out = {}
+    for c, (n, s, ss) in self.sums.items():
+      mean = s / n if n else 0.0
+      var = max(ss / n - mean * mean, 0.0) if n else 0.0
+      out[c] = (float(mean), float(math.sqrt(var)) or 1.0)
+    return out
+
+
+def unscaled_row_numerics(spec: "FeatureSpec") -> List[str]:
+  """Row columns of numeric features without a given mean and deviation."""
+  return sorted({f.col for f in spec.query + spec.candidate
+                 if f.type == "numeric" and f.source == "row" and
+                 f.mean is None})
+
+
+def with_moments(text: str, moments: Dict[str, Tuple[float, float]]) -> str:
+  """The feature configuration with `mean`/`std` set from `moments`."""
+  raw = json.loads(text)
+  for tower in ("query", "candidate"):
+    for f in raw.get(tower, []):
+      col = f.get("column") or f["name"]
+      if (f.get("type") == "numeric" and f.get("source", "row") == "row" and
+          f.get("mean") is None and col in moments):
+        f["mean"], f["std"] = moments[col]
+  return json.dumps(raw)
+
+
 def read_side_file(path: str) -> pa.Table:
   """A side file (CSV with a header, gzipped or not, local or gs://)."""
   with tf.io.gfile.GFile(path, "rb") as f:
