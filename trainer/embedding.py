@@ -100,6 +100,38 @@ class FactorsAndBias:
                      axis=1)
 
 
+class SparseAdagrad(tf_keras.optimizers.Adagrad):
+  """Keras Adagrad whose row-sparse update is one fused kernel per table.
+
+  Keras updates a sparse gradient's rows with five ops (scatter-add into the
+  accumulator, gather it back, add epsilon, rsqrt, scatter-add into the
+  table); TensorFlow's ResourceSparseApplyAdagrad does it in one pass. The
+  mathematics are Keras': var -= lr * g / sqrt(acc + epsilon) with acc += g^2
+  (duplicate rows summed first, as Keras does). The kernel has no epsilon, so
+  the accumulator slot holds acc + epsilon from the start.
+  """
+
+  def build(self, var_list):
+    # The slot starts at initial_accumulator_value + epsilon (see above).
+    initial = self.initial_accumulator_value
+    self.initial_accumulator_value = initial + self.epsilon
+    try:
+      super().build(var_list)
+    finally:
+      self.initial_accumulator_value = initial
+
+  def update_step(self, grad, variable):
+    accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
+    lr = tf.cast(self.learning_rate, variable.dtype)
+    if isinstance(grad, tf.IndexedSlices):
+      tf.raw_ops.ResourceSparseApplyAdagrad(
+          var=variable.handle, accum=accumulator.handle, lr=lr,
+          grad=grad.values, indices=grad.indices, use_locking=False)
+    else:
+      accumulator.assign_add(grad * grad)
+      variable.assign_sub(lr * grad / tf.sqrt(accumulator))
+
+
 class LazyAdam(tf_keras.optimizers.Adam):
   """Adam that, for a sparse gradient, updates only the rows it touches.
 
@@ -140,6 +172,11 @@ class SparseSGD(tf_keras.optimizers.SGD):
     tf_keras.optimizers.Optimizer.build(self, var_list)  # No momentum slots.
     self._built = True
 
+  def _deduplicate_sparse_grad(self, grads):
+    # A scatter-subtract adds up duplicate rows' updates by itself: exact
+    # without Keras' Unique + segment sum.
+    return grads
+
   def update_step(self, gradient, variable):
     lr = tf.cast(self.learning_rate, variable.dtype)
     if isinstance(gradient, tf.IndexedSlices):
@@ -168,7 +205,7 @@ def make_optimizer(name: str, learning_rate: float,
     learning_rate = tf_keras.optimizers.schedules.PolynomialDecay(
         learning_rate, total_steps, end_learning_rate=0.0)
   if name == "adagrad":
-    return tf_keras.optimizers.Adagrad(
+    return SparseAdagrad(
         learning_rate, initial_accumulator_value=initial_accumulator)
   if name == "sgd":
     return SparseSGD(learning_rate)
