@@ -205,6 +205,35 @@ class LearnsAndExportsTest(tf.test.TestCase):
     self.assertEqual(summary["eval"]["num_eval"], 1000)
     self.assertGreater(recall, 3 * popularity)
 
+  def test_mixed_negatives_come_from_the_catalog_reproducibly(self):
+    spec = json.dumps({
+        "side_files": {"item": {"path": f"{self.tmp}/items.csv.gz"}},
+        "query": [{"name": "user_id", "type": "id"}],
+        "candidate": [{"name": "item_id", "type": "id"}]})
+    config = _config(self.tmp, spec, logq="streaming", mixed_negatives=7)
+    model = two_tower.TwoTower(config)
+    model.compile(optimizer="sgd")
+    cands, ids = tf.zeros([4, 32]), tf.constant([1, 2, 3, 4], tf.int64)
+    prob = tf.fill([4], 0.5)
+    out, out_ids, out_prob = model._with_mixed_negatives(cands, ids, prob,
+                                                         False)
+    again = model._with_mixed_negatives(cands, ids, prob, False)[1]
+    self.assertEqual(out.shape, (11, 32))
+    self.assertAllEqual(out_ids[:4], ids)
+    self.assertAllInSet(out_ids[4:].numpy(), set(range(300)))
+    self.assertAllEqual(out_ids, again)  # Same step: the same draws.
+    self.assertAllClose(out_prob[4:], [7 / 300] * 7)
+    model.optimizer.iterations.assign(1)
+    self.assertNotAllEqual(
+        model._with_mixed_negatives(cands, ids, prob, False)[1][4:],
+        out_ids[4:])
+    # Training with them runs.
+    config = config_lib.replace(config, train={"epochs": 1},
+                                runtime={"export_dir": "",
+                                         "model_dir": f"{self.tmp}/mixed"})
+    summary = train.train_and_evaluate(config)
+    self.assertGreater(summary["eval"]["recall@10"], 0.1)
+
   def test_every_feature_type_and_exports_reload_exactly(self):
     tmp = self.tmp
     spec = {"side_files": {"user": {"path": f"{tmp}/users.csv.gz"},

@@ -169,6 +169,10 @@ class RetrievalConfig:
     remove_accidental_hits: Mask in-batch candidates equal to the positive.
     global_negatives: Under several replicas, score each query against the
       candidates of the whole global batch (all-gathered), not its replica's.
+    mixed_negatives: Items drawn uniformly from the catalog each step and
+      added to every query's candidates (mixed negative sampling, Yang et
+      al. 2020), corrected by their own log(q) when --logq is on. Needs a
+      catalog at build time: vocab mode or an item side file.
     eval_ks: Cut-offs of the full-catalog Recall@K / NDCG@K evaluation.
     eval_chunk: Candidates scored at a time in evaluation.
   """
@@ -183,6 +187,7 @@ class RetrievalConfig:
   logq_alpha: float = 0.01
   remove_accidental_hits: bool = True
   global_negatives: bool = True
+  mixed_negatives: int = 0
   eval_ks: Tuple[int, ...] = (10, 50, 100)
   eval_chunk: int = 65536
 
@@ -353,6 +358,7 @@ def validate(config: Config) -> Config:
            "--logq=counts needs --id_mode=vocab (the counts of the item "
            "vocabulary).")
     _check(rc.temperature > 0, "--temperature must be > 0.")
+    _check(rc.mixed_negatives >= 0, "--mixed_negatives must be >= 0.")
     _check(rc.output_dim > 0 and all(w > 0 for w in rc.tower_widths),
            "Tower widths must be positive.")
   _check(d.bad_rows in ("error", "skip"), "--bad_rows must be error or skip.")

@@ -237,6 +237,13 @@ class TwoTower(tfrs.models.Model):
         remove_accidental_hits=rc.remove_accidental_hits)
     self._global_negatives = rc.global_negatives
     self._catalog = None
+    self._mixed = rc.mixed_negatives
+    self._seed = config.train.seed
+    if self._mixed:
+      if model.id_mode != "vocab" and "item" not in self.side:
+        raise ValueError("--mixed_negatives needs a catalog when the model is "
+                         "built: --id_mode=vocab or an item side file.")
+      self._corpus = tf.constant(self.catalog())
 
   def get_config(self):
     return {"config": self._config.to_dict()}
@@ -414,6 +421,9 @@ class TwoTower(tfrs.models.Model):
     elif self.item_probability is not None:
       rows = self.lookups[self.item_feature](cand_ids)[0]
       probability = tf.gather(self.item_probability, rows)
+    if self._mixed:
+      candidates, cand_ids, probability = self._with_mixed_negatives(
+          candidates, cand_ids, probability, training)
     per_example = self.task(query, candidates, compute_metrics=False,
                             candidate_sampling_probability=probability,
                             candidate_ids=cand_ids)
@@ -423,6 +433,29 @@ class TwoTower(tfrs.models.Model):
     # Mean over the global batch: each replica divides by it, the optimizer
     # sums the replicas' gradients.
     return tf.nn.compute_average_loss(per_example)
+
+  def _with_mixed_negatives(self, candidates, ids, probability, training):
+    """Appends `mixed_negatives` uniform catalog items to the candidates.
+
+    Drawn from a seed of (run seed, step, replica), so a resumed run draws
+    the same items. Each is in a step's sample with probability
+    mixed / catalog size, their log(q) when the in-batch ones have one.
+    """
+    ctx = tf.distribute.get_replica_context()
+    replica = tf.cast(ctx.replica_id_in_sync_group if ctx else 0, tf.int64)
+    size = tf.shape(self._corpus, out_type=tf.int64)[0]
+    seed = tf.stack([tf.cast(self._seed, tf.int64) * 1000003 + replica,
+                     tf.cast(self.optimizer.iterations, tf.int64)])
+    rows = tf.random.stateless_uniform([self._mixed], seed, 0, size,
+                                       dtype=tf.int64)
+    extra_ids = tf.gather(self._corpus, rows)
+    extra = self.towers({self.item_feature: extra_ids}, training,
+                        ("candidate",))[0]["candidate"]
+    if probability is not None:
+      probability = tf.concat([probability, tf.fill(
+          [self._mixed], self._mixed / tf.cast(size, tf.float32))], axis=0)
+    return (tf.concat([candidates, extra], axis=0),
+            tf.concat([ids, extra_ids], axis=0), probability)
 
   def train_step(self, inputs):
     return embedding.sparse_train_step(self, inputs)
