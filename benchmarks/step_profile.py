@@ -93,7 +93,7 @@ def main(argv):
         continue  # Executor threads: one event per op run.
       for event in line.events:
         name = plane.event_metadata[event.metadata_id].name
-        if ":" in name:
+        if ":" in name and "::" not in name:  # "::": executor bookkeeping.
           op_type = name.rsplit(":", 1)[1]
           by_type[op_type] += event.duration_ps / 1e9 / steps
           counts[op_type] += 1
