@@ -104,10 +104,13 @@ class StrategyEnvironmentTest(tf.test.TestCase):
     self.assertEqual(seen["tf_config"]["task"], {"type": "worker", "index": 1})
     self.assertEqual(len(seen["tf_config"]["cluster"]["worker"]), 2)
 
-  def test_parameter_server_says_not_yet(self):
-    with self.assertRaisesRegex(ValueError, "not supported yet"):
-      strategy_lib.make_strategy(
-          config_lib.RuntimeConfig(strategy="parameter_server"))
+  def test_parameter_server_needs_parameter_servers(self):
+    cluster = {"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+               "task": {"type": "chief", "index": 0}}
+    with mock.patch.dict(os.environ, {"TF_CONFIG": json.dumps(cluster)}):
+      with self.assertRaisesRegex(ValueError, "needs parameter servers"):
+        strategy_lib.make_strategy(
+            config_lib.RuntimeConfig(strategy="parameter_server"))
 
 
 class FlagsEnvironmentTest(tf.test.TestCase):
