@@ -199,9 +199,11 @@ class StrategyAndFailureTest(tf.test.TestCase):
     proc = subprocess.Popen([sys.executable, "-m", "trainer.task", *flags],
                             cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    # Wait for a whole checkpoint: its .index file lands before the
+    # `checkpoint` file that names it, and a kill between the two leaves none.
     deadline = time.time() + 300
-    while time.time() < deadline and not tf.io.gfile.glob(
-        f"{self.dir}/r/ckpt-*.index"):
+    while time.time() < deadline and not tf.train.latest_checkpoint(
+        f"{self.dir}/r"):
       time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
