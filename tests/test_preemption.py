@@ -16,8 +16,13 @@ from tests.test_train import REPO, run_task
 
 
 def checkpoint_steps(model_dir):
-  return sorted(int(p.rsplit("-", 1)[1].split(".")[0])
-                for p in tf.io.gfile.glob(f"{model_dir}/ckpt-*.index"))
+  """Steps of the whole checkpoints: those the `checkpoint` file names (it is
+  written after a checkpoint's files)."""
+  state = tf.train.get_checkpoint_state(model_dir)
+  if state is None:
+    return []
+  return sorted(int(p.rsplit("-", 1)[1])
+                for p in state.all_model_checkpoint_paths)
 
 
 class PreemptionTest(tf.test.TestCase):
