@@ -10,8 +10,7 @@ ID features and histories go through the same embedding seam as matrix
 factorization (trainer/embedding.py); a history shares the item table.
 """
 
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
