@@ -5,7 +5,8 @@ r"""Input and training throughput, side by side in one run, against the tutorial
 
 Generates an ML-20M-shaped log (8 gz shards; 138,493 users, 26,744 Zipf-popular
 items; `user_id,item_id,label,timestamp`) if absent, plus a 2M-row copy for the
-memory check. Each measurement runs in its own process, so its peak RSS is its
+memory check. Peers in the same run: `implicit`'s BPR and ALS (the `bench`
+extra) on the same log, and a memory-bandwidth probe. Each measurement runs in its own process, so its peak RSS is its
 own. Prints a table with ratios and writes OUT/throughput.json.
 """
 
@@ -198,6 +199,10 @@ def measure(name: str, folder: str, arg: str) -> dict:
     seconds = _timed_fit(model, _in_memory(batch), steps, warmup)
     return {"ex_per_s": steps * batch / seconds,
             "ms_per_step": 1000 * seconds / steps, "batch": batch}
+  if name in ("peer_bpr", "peer_als"):
+    return _implicit_peer(files, name[len("peer_"):])
+  if name == "bandwidth":
+    return _bandwidth()
   if name == "e2e_tutorial":
     model = _tutorial_model(tf_keras.optimizers.Adam(0.001))
     steps = max(8, int(arg) // 4096)
@@ -205,6 +210,51 @@ def measure(name: str, folder: str, arg: str) -> dict:
     seconds = _timed_fit(model, ds, steps, 3)
     return {"ex_per_s": steps * 4096 / seconds}
   raise ValueError(name)
+
+
+def _implicit_peer(files, algorithm: str) -> dict:
+  """One epoch of `implicit`'s BPR or ALS (Cython, 2 threads, 32 factors) on
+  the log's (user, item) pairs: what a user who only wants MF on a CPU would
+  run. BPR draws one (user, positive, negative) sample per interaction."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pcsv  # pylint: disable=g-import-not-at-top
+  import scipy.sparse  # pylint: disable=g-import-not-at-top
+  from implicit.cpu import als, bpr  # pylint: disable=g-import-not-at-top
+  table = pa.concat_tables([pcsv.read_csv(f, read_options=pcsv.ReadOptions(
+      column_names=["user_id", "item_id", "label", "timestamp"]),
+      convert_options=pcsv.ConvertOptions(
+          include_columns=["user_id", "item_id"])) for f in files])
+  users = table.column("user_id").to_numpy()
+  items = table.column("item_id").to_numpy()
+  matrix = scipy.sparse.csr_matrix(
+      (np.ones(len(users), np.float32), (users, items)),
+      shape=(NUM_USERS, NUM_ITEMS))
+  matrix.sum_duplicates()
+  cls = (bpr.BayesianPersonalizedRanking if algorithm == "bpr"
+         else als.AlternatingLeastSquares)
+  model = cls(factors=32, iterations=1, num_threads=2, random_state=0)
+  t0 = time.time()
+  model.fit(matrix, show_progress=False)
+  seconds = time.time() - t0
+  return {"samples_per_s": matrix.nnz / seconds, "nnz": int(matrix.nnz),
+          "seconds": seconds}
+
+
+def _bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+  """Memory bandwidth: copies of a 1 GiB array (bytes read + written / s)."""
+  src = np.ones(int(gib * 2**30) // 8, np.float64)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # Touch every page first.
+  t0 = time.time()
+  for _ in range(repeats):
+    np.copyto(dst, src)
+  return {"bytes_per_s": 2 * src.nbytes * repeats / (time.time() - t0)}
+
+
+# Memory traffic of one example of an Adagrad step, both tables (rows of
+# DIM + 1 floats): row read by the lookup, gradient written and read back,
+# accumulator read and written, table row read and written: 7 accesses.
+BYTES_PER_EXAMPLE = 2 * (DIM + 1) * 4 * 7
 
 
 def _child(name, folder, arg="", cwd=None):
@@ -282,6 +332,9 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples,
     r[name] = _child(name, big, examples)
   logging.info("e2e_tutorial ...")
   r["e2e_tutorial"] = _child("e2e_tutorial", big, tutorial_examples)
+  for name in ("peer_bpr", "peer_als", "bandwidth"):
+    logging.info("%s ...", name)
+    r[name] = _child(name, big)
   logging.info("trainer end to end on %d rows ...", rows)
   r["e2e_ours"] = _trainer_e2e(big, out)
   if baseline:
@@ -335,6 +388,18 @@ def report(r, rows, small_rows) -> dict:
         f"ours {e2e / base_e2e:.2f}x", r["e2e_baseline"]["peak_rss_bytes"])
     lines.append(f"{'':<44} wall: ours {r['e2e_ours']['wall_s']:.1f} s, "
                  f"baseline {r['e2e_baseline']['wall_s']:.1f} s")
+  bpr_rate = r["peer_bpr"]["samples_per_s"]
+  row("implicit BPR, 32 factors, 2 threads", bpr_rate, "smp",
+      f"ours {e2e / bpr_rate:.2f}x", r["peer_bpr"]["peak_rss_bytes"])
+  row("implicit ALS, 32 factors, 2 threads", r["peer_als"]["samples_per_s"],
+      "nnz", f"ours {e2e / r['peer_als']['samples_per_s']:.2f}x",
+      r["peer_als"]["peak_rss_bytes"])
+  bandwidth = r["bandwidth"]["bytes_per_s"]
+  lines.append(f"{'memory bandwidth (1 GiB numpy copy)':<44} "
+               f"{bandwidth / 1e9:>8.1f} GB/s")
+  lines.append(f"{'':<44} ours: ~{BYTES_PER_EXAMPLE} B/example x "
+               f"{e2e / 1e6:.2f}M/s = {BYTES_PER_EXAMPLE * e2e / 1e9:.2f} GB/s,"
+               f" {100 * BYTES_PER_EXAMPLE * e2e / bandwidth:.0f}% of it")
   lines.append("")
   lines.append(f"input / zcat-2: {r['input_ours']['rows_per_s'] / z2:.2f} "
                "(bar >= 0.5)")
@@ -351,6 +416,10 @@ def report(r, rows, small_rows) -> dict:
       "train_ex_per_s": r["memory-ours-adagrad-4096"]["ex_per_s"],
       "e2e_ex_per_s": e2e,
       "tutorial_e2e_ex_per_s": tut,
+      "implicit_bpr_samples_per_s": bpr_rate,
+      "implicit_als_nnz_per_s": r["peer_als"]["samples_per_s"],
+      "memory_bandwidth_bytes_per_s": bandwidth,
+      "bytes_per_example": BYTES_PER_EXAMPLE,
       "peak_rss_bytes": {k: v.get("peak_rss_bytes") for k, v in r.items()
                          if v.get("peak_rss_bytes")},
       "peak_rss_ratio_large_over_small": mem_ratio,
