@@ -61,7 +61,7 @@ class OptimizerMathTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(var.numpy(), _by_hand(name, start), rtol=1e-5,
                         atol=1e-5)
 
-  def test_fused_adagrad_keeps_epsilon_inside_the_square_root(self):
+  def test_adagrad_keeps_epsilon_inside_the_square_root(self):
     # A large epsilon makes sqrt(acc + eps) and sqrt(acc) + eps differ.
     start = np.arange(8, dtype=np.float64).reshape(4, 2) / 10
     var = tf.Variable(start.astype(np.float32))
