@@ -36,6 +36,8 @@ setuptools.setup(
         ],
         # Experiment tracking: --mlflow_uri.
         "mlflow": ["mlflow-skinny==3.17.2"],
+        # An ANN index of a retrieval run's item embeddings: --scann.
+        "scann": ["scann==1.4.2"],
         "test": [
             "pytest==9.2.0",
             # The launchers' golden tests build CustomJob protos.
@@ -46,6 +48,7 @@ setuptools.setup(
             "scipy==1.17.1",
             "matplotlib==3.11.2",
             "mlflow-skinny==3.17.2",
+            "scann==1.4.2",
         ],
     },
 )

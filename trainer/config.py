@@ -175,6 +175,8 @@ class RetrievalConfig:
       catalog at build time: vocab mode or an item side file.
     eval_ks: Cut-offs of the full-catalog Recall@K / NDCG@K evaluation.
     eval_chunk: Candidates scored at a time in evaluation.
+    scann: Also export a ScaNN index of the item embeddings (the `scann`
+      extra), with its recall@10 against brute force on the held-out queries.
   """
   features: str = ""
   tower_widths: Tuple[int, ...] = ()
@@ -190,6 +192,7 @@ class RetrievalConfig:
   mixed_negatives: int = 0
   eval_ks: Tuple[int, ...] = (10, 50, 100)
   eval_chunk: int = 65536
+  scann: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,6 +94,9 @@ flags.DEFINE_bool("global_negatives", None,
 flags.DEFINE_integer("mixed_negatives", None, "Uniform catalog items added to "
                      "the in-batch candidates each step.")
 flags.DEFINE_list("eval_ks", None, "Cut-offs of Recall@K / NDCG@K.")
+flags.DEFINE_bool("scann", None, "Also export a ScaNN index of the item "
+                  "embeddings (pip install '.[scann]'), with its recall@10 "
+                  "against brute force.")
 flags.DEFINE_list("feature_columns", None,
                   "Further columns passed to the model with each row.")
 # Training.
@@ -141,7 +144,7 @@ _SECTIONS = {
     "model": ["id_mode", "embedding_dim", "min_count"],
     "retrieval": ["output_dim", "l2_normalize", "temperature",
                   "learn_temperature", "logq", "remove_accidental_hits",
-                  "global_negatives", "mixed_negatives"],
+                  "global_negatives", "mixed_negatives", "scann"],
     "train": ["batch_size", "eval_batch_size", "epochs", "train_steps",
               "steps_per_execution", "optimizer", "learning_rate",
               "lr_schedule", "seed",

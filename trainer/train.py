@@ -337,9 +337,12 @@ def _train_and_evaluate(config, strategy, write_dir: str, export_dir: str,
         "train_loss": progress.last_logs.get("loss"),
         "train_rows_skipped": train_stats.skipped,
     }
+    scann_queries = None
     if eval_files and config.model.kind == "two_tower":
-      summary["eval"] = _evaluate_retrieval(model, config, train_files,
-                                            eval_files, eval_stats, write_dir)
+      summary["eval"], queries = _evaluate_retrieval(
+          model, config, train_files, eval_files, eval_stats, write_dir)
+      if config.retrieval.scann:
+        scann_queries = queries
     elif eval_files:
       summary["eval"] = _evaluate(model, config, eval_files,
                                   eval_stats, on_tpu,
@@ -356,7 +359,15 @@ def _train_and_evaluate(config, strategy, write_dir: str, export_dir: str,
   if export_dir:
     if config.model.kind == "two_tower" and model._catalog is None:  # pylint: disable=protected-access
       _ensure_catalog(model, config, train_files)
-    summary["export_dir"] = export.export_version(model, data, export_dir)
+    if config.retrieval.scann and scann_queries is None:
+      logging.warning("--scann: no held-out rows (--eval_files) to measure the"
+                      " index's recall on; it is built and its recall not "
+                      "measured.")
+      scann_queries = np.zeros((0, config.retrieval.output_dim), np.float32)
+    measured = {}
+    summary["export_dir"] = export.export_version(
+        model, data, export_dir, scann_queries=scann_queries, info=measured)
+    summary.update(measured)
     if config.model.kind == "two_tower":
       summary["embeddings"] = export.export_embedding_history(
           model, config, os.path.join(export_dir, "embeddings"))
@@ -461,8 +472,10 @@ def _read_rows(config, files, stats, columns):
 
 
 def _evaluate_retrieval(model, config, train_files, eval_files, stats,
-                        write_dir: str) -> Dict[str, float]:
+                        write_dir: str):
   """Full-catalog Recall@K / NDCG@K / MRR of each held-out row's item.
+
+  Returns ({metric: value}, the query embeddings [Q, d]).
 
   Each held-out row is a query (its user's features and history); the
   candidates are the whole catalog minus the items its user trained on.
@@ -501,7 +514,7 @@ def _evaluate_retrieval(model, config, train_files, eval_files, stats,
       seen_items[ok], ks=rc.eval_ks, chunk=rc.eval_chunk)
   logging.info("Full-catalog evaluation: %d queries x %d candidates (%.1fs).",
                n, len(catalog), time.time() - t0)
-  return _write_eval(model, config, write_dir, results)
+  return _write_eval(model, config, write_dir, results), queries
 
 
 def _ensure_catalog(model, config, train_files, train_rows=None) -> None:
