@@ -1,7 +1,8 @@
 r"""Where a training step's time goes: the TensorFlow profiler's trace, summarised by op.
 
   python -m benchmarks.step_profile [--batch=4096] [--steps=300] \
-      [--table_rows=200000] [--dim=32] [--optimizer=adagrad]
+      [--table_rows=200000] [--dim=32] [--optimizer=adagrad] \
+      [--intra_op_threads=0] [--inter_op_threads=0]
 
 Trains the real MatrixFactorization (two tables of --table_rows x dim+1,
 per-table optimizers, Keras fit with steps_per_execution 16) on in-memory
@@ -28,6 +29,10 @@ _STEPS = flags.DEFINE_integer("steps", 300, "Steps traced.")
 _ROWS = flags.DEFINE_integer("table_rows", 200_000, "Rows per table.")
 _DIM = flags.DEFINE_integer("dim", 32, "Factors per row (plus a bias).")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adagrad", "Tables' optimizer.")
+_INTRA = flags.DEFINE_integer("intra_op_threads", 0,
+                              "Threads per op (0: TensorFlow's choice).")
+_INTER = flags.DEFINE_integer("inter_op_threads", 0,
+                              "Ops at once (0: TensorFlow's choice).")
 
 GROUPS = {
     "lookup (gathers)": ("ResourceGather", "GatherV2"),
@@ -57,6 +62,10 @@ def main(argv):
   from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
   from trainer import embedding  # pylint: disable=g-import-not-at-top
   from trainer import models  # pylint: disable=g-import-not-at-top
+  if _INTRA.value:
+    tf.config.threading.set_intra_op_parallelism_threads(_INTRA.value)
+  if _INTER.value:
+    tf.config.threading.set_inter_op_parallelism_threads(_INTER.value)
   batch, steps = _BATCH.value, _STEPS.value
   tables = tuple(config_lib.TableConfig(f, num_bins=_ROWS.value, salt=i + 1,
                                         optimizer=_OPTIMIZER.value)
@@ -102,7 +111,9 @@ def main(argv):
     groups[_group(op_type)] += ms
   total = sum(by_type.values())
   print(f"Step of {batch} examples, two {_ROWS.value:,} x {_DIM.value + 1} "
-        f"tables, {_OPTIMIZER.value}: {wall_ms:.2f} ms wall "
+        f"tables, {_OPTIMIZER.value}, intra/inter-op threads "
+        f"{_INTRA.value or 'default'}/{_INTER.value or 'default'}: "
+        f"{wall_ms:.2f} ms wall "
         f"({batch / wall_ms / 1e3:.2f}M examples/s); op time traced "
         f"{total:.2f} ms/step (ops of the two cores overlap; the profiler "
         "slows them).")

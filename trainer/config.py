@@ -233,6 +233,11 @@ class RuntimeConfig:
   Attributes:
     strategy: One of STRATEGIES.
     tpu: TPU name or address for the tpu strategy ("local" on a TPU VM).
+    intra_op_threads: Threads one TensorFlow op may use (0: TensorFlow's
+      choice, one per core). 1 runs each op on the thread that scheduled it:
+      the embedding step's small gathers and scatters then wait for no other
+      thread (benchmarks/step_profile.py --intra_op_threads).
+    inter_op_threads: Ops run at once (0: TensorFlow's choice).
     num_cpu_devices: Split the CPU into this many logical devices (lets the
       mirrored strategy run, and be tested, on one CPU host).
     model_dir: Checkpoints, config.json, metrics.json and TensorBoard logs.
@@ -251,6 +256,8 @@ class RuntimeConfig:
   """
   strategy: str = "default"
   tpu: str = ""
+  intra_op_threads: int = 0
+  inter_op_threads: int = 0
   num_cpu_devices: int = 0
   model_dir: str = ""
   export_dir: str = ""
@@ -398,6 +405,9 @@ def validate(config: Config) -> Config:
          LR_SCHEDULES)
   _check(r.strategy in STRATEGIES, "--strategy must be one of %s.", STRATEGIES)
   _check(r.strategy != "tpu" or bool(r.tpu), "--strategy=tpu needs --tpu.")
+  _check(r.intra_op_threads >= 0 and r.inter_op_threads >= 0,
+         "--intra_op_threads and --inter_op_threads must be >= 0 (0: "
+         "TensorFlow's choice).")
   _check(bool(r.model_dir), "Set --model_dir.")
   return config
 

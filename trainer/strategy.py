@@ -12,7 +12,8 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   """Builds the tf.distribute strategy a RuntimeConfig asks for.
 
   Args:
-    runtime: A RuntimeConfig; uses strategy, tpu and num_cpu_devices.
+    runtime: A RuntimeConfig; uses strategy, tpu, the thread counts and
+      num_cpu_devices.
 
   Returns:
     The strategy; everything after this runs under its scope.
@@ -23,6 +24,14 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   Raises:
     ValueError: For an unknown strategy name.
   """
+  # Like the logical devices below, thread pools are fixed when TensorFlow
+  # starts its runtime: this comes before any op runs.
+  if runtime.intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(
+        runtime.intra_op_threads)
+  if runtime.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(
+        runtime.inter_op_threads)
   if runtime.num_cpu_devices > 1:
     # Logical CPU devices let the mirrored strategy run (and be tested) on one
     # host; this must happen before TF initialises its devices.

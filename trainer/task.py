@@ -116,6 +116,10 @@ flags.DEFINE_integer("log_every_steps", None, "Steps per progress line.")
 # Runtime.
 flags.DEFINE_enum("strategy", None, config_lib.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_string("tpu", None, "TPU name, or 'local' on a TPU VM.")
+flags.DEFINE_integer("intra_op_threads", None,
+                     "Threads per TensorFlow op (0: one per core).")
+flags.DEFINE_integer("inter_op_threads", None,
+                     "TensorFlow ops run at once (0: TensorFlow's choice).")
 flags.DEFINE_integer("num_cpu_devices", None,
                      "Split the CPU into N logical devices (for mirrored).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, config.json, metrics.json.")
@@ -149,7 +153,8 @@ _SECTIONS = {
               "steps_per_execution", "optimizer", "learning_rate",
               "lr_schedule", "seed",
               "checkpoint_every_steps", "log_every_steps"],
-    "runtime": ["strategy", "tpu", "num_cpu_devices", "model_dir",
+    "runtime": ["strategy", "tpu", "intra_op_threads", "inter_op_threads",
+                "num_cpu_devices", "model_dir",
                 "export_dir", "lock_timeout_secs", "tensorboard_dir",
                 "mlflow_uri", "mlflow_experiment", "min_shard_bytes"],
 }
