@@ -1,7 +1,8 @@
 r"""Input and training throughput, side by side in one run, against the tutorial way.
 
   python -m benchmarks.throughput [--rows=20000000] [--out=work/throughput] \
-      [--baseline_checkout=../old]
+      [--baseline_checkout=../old] [--repeats=2] \
+      [--trainer_flags=--intra_op_threads=1]
 
 Generates an ML-20M-shaped log (8 gz shards; 138,493 users, 26,744 Zipf-popular
 items; `user_id,item_id,label,timestamp`) if absent, plus a 2M-row copy for the
@@ -38,6 +39,14 @@ _BASELINE = flags.DEFINE_string(
     "Another checkout of this project (e.g. `git worktree add ../old REV`): "
     "its input pipeline and trainer.task are measured in the same run, right "
     "after ours, and the ratios reported.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 2,
+    "zcat, the input pipelines and the end-to-end runs of ours and the "
+    "baseline are measured this many times, alternately; the best of each "
+    "is reported (the machine is shared and noisy), with every value.")
+_TRAINER_FLAGS = flags.DEFINE_list(
+    "trainer_flags", [], "Extra flags of our trainer.task end-to-end runs "
+    "(not the baseline's), e.g. --trainer_flags=--intra_op_threads=2.")
 _MEASURE = flags.DEFINE_string("measure", None, "Internal: one measurement.")
 _DATA = flags.DEFINE_string("data", None, "Internal: shard folder.")
 _ARG = flags.DEFINE_string("arg", "", "Internal: measurement argument.")
@@ -267,15 +276,15 @@ def _child(name, folder, arg="", cwd=None):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _trainer_e2e(folder, work, cwd=None):
+def _trainer_e2e(folder, work, cwd=None, flags=()):
   """`python -m trainer.task` (of the checkout at cwd) on the shards, one epoch,
-  batch 4096, Adagrad."""
+  batch 4096, Adagrad, with `flags` added."""
   model_dir = tempfile.mkdtemp(dir=os.path.abspath(work))
   cmd = [sys.executable, "-m", "trainer.task", f"--train_files={folder}/*.gz",
          f"--model_dir={model_dir}", f"--num_bins={TABLE_ROWS}",
          f"--embedding_dim={DIM}", "--batch_size=4096", "--epochs=1",
          "--embedding_optimizer=adagrad", "--log_every_steps=1000",
-         "--checkpoint_every_steps=1000000000"]
+         "--checkpoint_every_steps=1000000000", *flags]
   t0 = time.time()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=cwd,
                           stderr=subprocess.PIPE, text=True)
@@ -309,15 +318,18 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples,
   small = ensure_log(os.path.join(out, f"rows{small_rows}"), small_rows)
   files = _files(big)
   r = {}
-  logging.info("zcat ...")
-  r["zcat_1"] = _zcat(files, 1)
-  r["zcat_2"] = _zcat(files, 2)
-  for name, arg in (("input_tutorial", tutorial_rows), ("input_ours", "")):
-    logging.info("%s ...", name)
-    r[name] = _child(name, big, arg)
-  if baseline:
-    logging.info("input of %s ...", baseline)
-    r["input_baseline"] = _child("input_ours", big, "", cwd=baseline)
+  repeats = max(1, _REPEATS.value)
+  # Rates that are compared with each other are measured alternately.
+  for i in range(repeats):
+    logging.info("zcat, input pipelines (%d of %d) ...", i + 1, repeats)
+    _best(r, "zcat_1", _zcat(files, 1), "rows_per_s")
+    _best(r, "zcat_2", _zcat(files, 2), "rows_per_s")
+    _best(r, "input_ours", _child("input_ours", big, ""), "rows_per_s")
+    if baseline:
+      _best(r, "input_baseline", _child("input_ours", big, "", cwd=baseline),
+            "rows_per_s")
+  logging.info("input_tutorial ...")
+  r["input_tutorial"] = _child("input_tutorial", big, tutorial_rows)
   # (kind, optimizer, batch, examples): the tutorial's Keras Adam is slow,
   # so it trains on fewer examples; rates do not depend on the count.
   for kind, opt, batch, examples in (
@@ -335,14 +347,26 @@ def run(rows, small_rows, out, tutorial_rows, tutorial_examples,
   for name in ("peer_bpr", "peer_als", "bandwidth"):
     logging.info("%s ...", name)
     r[name] = _child(name, big)
-  logging.info("trainer end to end on %d rows ...", rows)
-  r["e2e_ours"] = _trainer_e2e(big, out)
-  if baseline:
-    logging.info("trainer of %s end to end on %d rows ...", baseline, rows)
-    r["e2e_baseline"] = _trainer_e2e(big, out, cwd=baseline)
+  for i in range(repeats):
+    logging.info("trainer end to end on %d rows (%d of %d) ...", rows, i + 1,
+                 repeats)
+    _best(r, "e2e_ours", _trainer_e2e(big, out, flags=_TRAINER_FLAGS.value),
+          "ex_per_s")
+    if baseline:
+      logging.info("trainer of %s end to end on %d rows ...", baseline, rows)
+      _best(r, "e2e_baseline", _trainer_e2e(big, out, cwd=baseline),
+            "ex_per_s")
   logging.info("trainer end to end on %d rows ...", small_rows)
-  r["e2e_ours_small"] = _trainer_e2e(small, out)
+  r["e2e_ours_small"] = _trainer_e2e(small, out, flags=_TRAINER_FLAGS.value)
   return r
+
+
+def _best(r: dict, key: str, result: dict, rate: str) -> None:
+  """Keeps in r[key] the measurement with the highest `rate`, and every rate."""
+  seen = r.get(key, {}).get("all", []) + [result[rate]]
+  if key not in r or result[rate] > r[key][rate]:
+    r[key] = dict(result)
+  r[key]["all"] = seen
 
 
 def report(r, rows, small_rows) -> dict:
@@ -354,18 +378,23 @@ def report(r, rows, small_rows) -> dict:
                r["e2e_ours_small"]["peak_rss_bytes"])
   lines = [f"{'measurement':<44} {'rate':>14} {'ratio':>22} {'peak RSS':>10}"]
 
-  def row(label, value, unit, ratio="", rss=None):
+  def row(label, value, unit, ratio="", rss=None, all_values=None):
     rss_text = f"{rss / 2**20:.0f} MiB" if rss else ""
     rate = f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value:,.0f}"
     lines.append(f"{label:<44} {rate:>9} {unit:<5} {ratio:>22} "
                  f"{rss_text:>10}")
+    if all_values and len(all_values) > 1:
+      lines.append(f"{'':<44} (best of " + ", ".join(
+          f"{v / 1e6:.3f}M" for v in all_values) + ")")
 
-  row("zcat, 1 process", r["zcat_1"]["rows_per_s"], "rows")
-  row("zcat, 2 processes", z2, "rows")
+  row("zcat, 1 process", r["zcat_1"]["rows_per_s"], "rows",
+      all_values=r["zcat_1"].get("all"))
+  row("zcat, 2 processes", z2, "rows", all_values=r["zcat_2"].get("all"))
   for key, label in (("input_tutorial", "tutorial pipeline (batch 16)"),
                      ("input_ours", "our input pipeline (batch 4096)")):
     row(label, r[key]["rows_per_s"], "rows",
-        f"{r[key]['rows_per_s'] / z2:.2f}x zcat-2", r[key]["peak_rss_bytes"])
+        f"{r[key]['rows_per_s'] / z2:.2f}x zcat-2", r[key]["peak_rss_bytes"],
+        r[key].get("all"))
   for key in [k for k in r if k.startswith("memory-")]:
     _, kind, opt, batch = key.split("-")
     who = "tutorial Keras" if kind == "tutorial" else "trainer"
@@ -374,7 +403,8 @@ def report(r, rows, small_rows) -> dict:
   row("end to end, tutorial (Keras Adam, b4096)", tut, "ex", "1.00x",
       r["e2e_tutorial"]["peak_rss_bytes"])
   row(f"end to end, trainer.task ({rows:,} rows)", e2e, "ex",
-      f"{e2e / tut:.1f}x tutorial", r["e2e_ours"]["peak_rss_bytes"])
+      f"{e2e / tut:.1f}x tutorial", r["e2e_ours"]["peak_rss_bytes"],
+      r["e2e_ours"].get("all"))
   row(f"end to end, trainer.task ({small_rows:,} rows)",
       r["e2e_ours_small"]["ex_per_s"], "ex", "",
       r["e2e_ours_small"]["peak_rss_bytes"])
@@ -383,9 +413,10 @@ def report(r, rows, small_rows) -> dict:
     base_e2e = r["e2e_baseline"]["ex_per_s"]
     row("baseline checkout: input pipeline", base_in, "rows",
         f"ours {r['input_ours']['rows_per_s'] / base_in:.2f}x",
-        r["input_baseline"]["peak_rss_bytes"])
+        r["input_baseline"]["peak_rss_bytes"], r["input_baseline"].get("all"))
     row(f"baseline checkout: trainer.task ({rows:,} rows)", base_e2e, "ex",
-        f"ours {e2e / base_e2e:.2f}x", r["e2e_baseline"]["peak_rss_bytes"])
+        f"ours {e2e / base_e2e:.2f}x", r["e2e_baseline"]["peak_rss_bytes"],
+        r["e2e_baseline"].get("all"))
     lines.append(f"{'':<44} wall: ours {r['e2e_ours']['wall_s']:.1f} s, "
                  f"baseline {r['e2e_baseline']['wall_s']:.1f} s")
   bpr_rate = r["peer_bpr"]["samples_per_s"]
@@ -402,9 +433,10 @@ def report(r, rows, small_rows) -> dict:
                f" {100 * BYTES_PER_EXAMPLE * e2e / bandwidth:.0f}% of it")
   lines.append("")
   lines.append(f"input / zcat-2: {r['input_ours']['rows_per_s'] / z2:.2f} "
-               "(bar >= 0.5)")
-  lines.append(f"end to end: {e2e / 1e6:.2f}M ex/s (bar >= 0.5M), "
-               f"{e2e / tut:.1f}x the Keras-Adam tutorial config (bar >= 6x)")
+               "(bar >= 0.6)")
+  lines.append(f"end to end: {e2e / 1e6:.2f}M ex/s (bar >= 1.5M), "
+               f"{e2e / tut:.1f}x the Keras-Adam tutorial config (bar >= 30x); "
+               f"{e2e / bpr_rate:.2f}x implicit BPR's samples/s (goal 1x)")
   lines.append(f"peak RSS {rows:,} rows / {small_rows:,} rows:"
                f" {mem_ratio:.3f} (bar <= 1.10)")
   print("\n".join(lines))
