@@ -22,6 +22,7 @@ How one input pipeline turns its shards into batches:
 Nothing here knows about the model.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -169,24 +170,33 @@ class ShardReader:
     self._skip = bad_rows == "skip"
     self._block_bytes = block_bytes
     self._stats = stats
+    self._arrow_types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
 
   @property
   def wanted(self) -> List[str]:
     """The columns each block holds, in order."""
     return list(self._wanted)
 
-  def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
-    """Yields one tuple of column arrays per block of `path`."""
+  def texts(self, path) -> Iterator[Tuple[bytes, int]]:
+    """Yields (text of whole lines, lines before it) per block of `path`,
+    the header left out."""
     path = path.decode() if isinstance(path, bytes) else str(path)
-    rows = skipped = lines_before = 0
+    lines_before = 0
     first = True
     for text in _text_blocks(path, self._block_bytes):
       if first and self._header:
         text = text[text.find(b"\n") + 1:]
         lines_before = 1
       first = False
-      table, bad = self._parse(path, text, lines_before)
+      yield text, lines_before
       lines_before += text.count(b"\n")
+
+  def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
+    """Yields one tuple of column arrays per block of `path`."""
+    path = path.decode() if isinstance(path, bytes) else str(path)
+    rows = skipped = 0
+    for text, lines_before in self.texts(path):
+      table, bad = self._parse(path, text, lines_before)
       rows += table.num_rows
       skipped += bad
       self._stats.update(path, rows, skipped)
@@ -194,6 +204,36 @@ class ShardReader:
         yield tuple(self._to_numpy(table.column(c)) for c in self._wanted)
     if skipped:
       logging.warning("%s: skipped %d malformed rows.", path, skipped)
+
+  def parse_blocks(self, blocks: Sequence[Tuple[str, bytes, int]]
+                   ) -> Tuple[Tuple[np.ndarray, ...], List[int], List[int]]:
+    """Parses blocks (path, text, lines before) of one or more files at once.
+
+    One parser call over the blocks' text is much cheaper than one per block.
+    If the text holds anything but plain rows (a malformed row, an empty
+    line), each block is parsed on its own instead, exactly as `read` does.
+
+    Returns:
+      The wanted columns of all the blocks' rows, in order, and per block
+      the rows it gave and the malformed rows it skipped.
+    """
+    texts = [text for _, text, _ in blocks]
+    lines = [text.count(b"\n") for text in texts]
+    try:
+      table = self._read_csv(texts[0] if len(texts) == 1 else b"".join(texts),
+                             self._arrow_types, None)
+      if table.num_rows == sum(lines):  # No empty line: a row per line.
+        return (tuple(self._to_numpy(table.column(c)) for c in self._wanted),
+                lines, [0] * len(blocks))
+    except pa.ArrowInvalid:
+      pass
+    parts, rows, skipped = [], [], []
+    for path, text, lines_before in blocks:
+      table, bad = self._parse(path, text, lines_before)
+      parts.append([self._to_numpy(table.column(c)) for c in self._wanted])
+      rows.append(table.num_rows)
+      skipped.append(bad)
+    return tuple(np.concatenate(cs) for cs in zip(*parts)), rows, skipped
 
   @staticmethod
   def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -218,7 +258,7 @@ class ShardReader:
 
     # Numbers are read as text only when one is bad: to skip its row, or to
     # say which line it is on.
-    types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
+    types = self._arrow_types
     try:
       table = self._read_csv(text, types, on_invalid_row)
       return table, len(bad_shape)
@@ -351,18 +391,35 @@ def _labelled(data, path: str, cols) -> Tuple[np.ndarray, ...]:
   return (user, item, value.astype(np.float32), *extra)
 
 
+def _labelled_blocks(data, blocks, rows: Sequence[int],
+                     cols) -> Tuple[np.ndarray, ...]:
+  """`_labelled` of the rows of several blocks; an error names its block's file."""
+  try:
+    return _labelled(data, blocks[0][0], cols)
+  except InputDataError:
+    if len(blocks) == 1:
+      raise
+  start = 0
+  for (path, _, _), n in zip(blocks, rows):
+    _labelled(data, path, tuple(c[start:start + n] for c in cols))
+    start += n
+  raise AssertionError("unreachable")
+
+
 def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
-                 pool: concurrent.futures.Executor) -> Iterator[Tuple[str, tuple]]:
-  """(path, block) of `paths`, `width` files at a time, block by block.
+                 pool: concurrent.futures.Executor
+                 ) -> Iterator[Tuple[str, Optional[bytes], int]]:
+  """(path, text, lines before) of `paths`' blocks, `width` files at a time.
 
   The order depends only on the files' contents, never on the threads'
   timing: file after file in `paths` order takes a free slot, and slots are
-  visited in turn. Each file's next block is parsed ahead on `pool`.
+  visited in turn. Each file's next block is read and inflated ahead on
+  `pool`. When a file ends, (path, None, 0) says so.
   """
   queue = iter(paths)
 
   def start(path):
-    blocks = reader.read(path)
+    blocks = reader.texts(path)
     return [path, blocks, pool.submit(next, blocks, None)]
 
   active = [start(p) for p in itertools.islice(queue, width)]
@@ -372,6 +429,7 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
     path, blocks, pending = active[i]
     block = pending.result()
     if block is None:  # The file is done: the next one takes its slot.
+      yield path, None, 0
       following = next(queue, None)
       if following is None:
         del active[i]
@@ -379,8 +437,72 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
       active[i] = start(following)
     else:
       active[i][2] = pool.submit(next, blocks, None)
-      yield path, block
+      yield (path, *block)
     i += 1
+
+
+# Text parsed per parser call: large enough that the call's fixed cost is
+# small, small enough to stay in cache.
+_PARSE_BYTES = 1 << 20
+# Parser calls in flight on the pool, ahead of the rows being mixed.
+_PARSE_AHEAD = 2
+
+
+def _parsed_blocks(data, reader: ShardReader, paths: Sequence[str], width: int,
+                   pool: concurrent.futures.Executor, stats: RowStats
+                   ) -> Iterator[Tuple[np.ndarray, ...]]:
+  """The labelled rows of `paths` (see `_labelled`), in `_round_robin` order.
+
+  Consecutive blocks (of any files) are parsed together, `_PARSE_BYTES` of
+  text at a time, on `pool`, ahead of the caller. Which blocks go together
+  depends only on the files' contents.
+  """
+
+  def parse(group):
+    blocks = [b for b in group if b[1] is not None]
+    if not blocks:
+      return None, [], []
+    cols, rows, skipped = reader.parse_blocks(blocks)
+    labelled = _labelled_blocks(data, blocks, rows, cols)
+    return labelled, rows, skipped
+
+  counts: Dict[str, List[int]] = {}
+
+  def finish(group, future):
+    cols, rows, skipped = future.result()
+    blocks = iter(zip(rows, skipped))
+    for path, text, _ in group:
+      count = counts.setdefault(path, [0, 0])
+      if text is None:  # The file is done.
+        del counts[path]
+        if count[1]:
+          logging.warning("%s: skipped %d malformed rows.", path, count[1])
+        continue
+      r, bad = next(blocks)
+      count[0] += r
+      count[1] += bad
+      stats.update(path, count[0], count[1])
+    return cols
+
+  ahead = collections.deque()
+  group, size = [], 0
+  for block in _round_robin(reader, paths, width, pool):
+    group.append(block)
+    if block[1] is not None:
+      size += len(block[1])
+    if size >= _PARSE_BYTES:
+      ahead.append((group, pool.submit(parse, group)))
+      group, size = [], 0
+      while len(ahead) > _PARSE_AHEAD:
+        cols = finish(*ahead.popleft())
+        if cols is not None and len(cols[0]):
+          yield cols
+  if group:
+    ahead.append((group, pool.submit(parse, group)))
+  while ahead:
+    cols = finish(*ahead.popleft())
+    if cols is not None and len(cols[0]):
+      yield cols
 
 
 class _Mixer:
@@ -502,9 +624,10 @@ class _BatchStream:
     self._pipeline = pipeline
     self._catalog = catalog
     self._reader = _reader(data, stats)
+    self._stats = stats
     # Chunks of ~64k examples keep the per-element cost of the generator
     # small at any batch size.
-    self._batches_per_chunk = max(1, (1 << 18) // layout.examples)
+    self.batches_per_chunk = max(1, (1 << 18) // layout.examples)
 
   def _passes(self) -> Iterator[List[str]]:
     epoch = 0
@@ -520,14 +643,14 @@ class _BatchStream:
     mixer = (_Mixer(data.shuffle_buffer_rows, np.random.default_rng(
         [self._seed, self._pipeline, 1 << 20])) if self._training else None)
     pending = _Rows()
-    chunk_rows = layout.rows * self._batches_per_chunk
+    chunk_rows = layout.rows * self.batches_per_chunk
     state = {"chunk": 0, "batch": 0}
     width = max(1, data.files_in_flight)
     threads = max(1, min(width, len(self._files), os.cpu_count() or 2))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       for epoch, paths in enumerate(self._passes()):
-        for path, block in _round_robin(self._reader, paths, width, pool):
-          rows = _labelled(data, path, block)
+        for rows in _parsed_blocks(data, self._reader, paths, width, pool,
+                                   self._stats):
           for out in (mixer.push(rows) if mixer else [rows]):
             pending.add(out)
           while pending.count >= chunk_rows:
