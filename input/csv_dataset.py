@@ -786,12 +786,17 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   ds = ds.rebatch(layout.examples, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
+  # No autotuning: nothing here has a parallelism to tune, and TensorFlow's
+  # autotuning thread makes deleting an iterator wait out its sleep (up to
+  # 5 s at the end of each pass).
+  options.autotune.enabled = False
   # With an input context the files were sharded above; without one the
   # caller may hand the dataset to a strategy, which then splits its batches.
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
       else tf.data.experimental.AutoShardPolicy.DATA)
-  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  # Batches of two chunks ahead.
+  return ds.with_options(options).prefetch(2 * stream.batches_per_chunk)
 
 
 def _row_bytes(data) -> int:
