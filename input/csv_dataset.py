@@ -177,9 +177,9 @@ class ShardReader:
     """The columns each block holds, in order."""
     return list(self._wanted)
 
-  def texts(self, path) -> Iterator[Tuple[bytes, int]]:
-    """Yields (text of whole lines, lines before it) per block of `path`,
-    the header left out."""
+  def texts(self, path) -> Iterator[Tuple[bytes, int, int]]:
+    """Yields (text of whole lines, lines before it, its lines) per block of
+    `path`, the header left out."""
     path = path.decode() if isinstance(path, bytes) else str(path)
     lines_before = 0
     first = True
@@ -188,14 +188,15 @@ class ShardReader:
         text = text[text.find(b"\n") + 1:]
         lines_before = 1
       first = False
-      yield text, lines_before
-      lines_before += text.count(b"\n")
+      lines = _count_lines(text)
+      yield text, lines_before, lines
+      lines_before += lines
 
   def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
     """Yields one tuple of column arrays per block of `path`."""
     path = path.decode() if isinstance(path, bytes) else str(path)
     rows = skipped = 0
-    for text, lines_before in self.texts(path):
+    for text, lines_before, _ in self.texts(path):
       table, bad = self._parse(path, text, lines_before)
       rows += table.num_rows
       skipped += bad
@@ -205,9 +206,10 @@ class ShardReader:
     if skipped:
       logging.warning("%s: skipped %d malformed rows.", path, skipped)
 
-  def parse_blocks(self, blocks: Sequence[Tuple[str, bytes, int]]
+  def parse_blocks(self, blocks: Sequence[Tuple[str, bytes, int, int]]
                    ) -> Tuple[Tuple[np.ndarray, ...], List[int], List[int]]:
-    """Parses blocks (path, text, lines before) of one or more files at once.
+    """Parses blocks (path, text, lines before, lines) of one or more files
+    at once.
 
     One parser call over the blocks' text is much cheaper than one per block.
     If the text holds anything but plain rows (a malformed row, an empty
@@ -217,8 +219,8 @@ class ShardReader:
       The wanted columns of all the blocks' rows, in order, and per block
       the rows it gave and the malformed rows it skipped.
     """
-    texts = [text for _, text, _ in blocks]
-    lines = [text.count(b"\n") for text in texts]
+    texts = [text for _, text, _, _ in blocks]
+    lines = [n for _, _, _, n in blocks]
     try:
       table = self._read_csv(texts[0] if len(texts) == 1 else b"".join(texts),
                              self._arrow_types, None)
@@ -228,7 +230,7 @@ class ShardReader:
     except pa.ArrowInvalid:
       pass
     parts, rows, skipped = [], [], []
-    for path, text, lines_before in blocks:
+    for path, text, lines_before, _ in blocks:
       table, bad = self._parse(path, text, lines_before)
       parts.append([self._to_numpy(table.column(c)) for c in self._wanted])
       rows.append(table.num_rows)
@@ -297,6 +299,12 @@ class ShardReader:
         convert_options=pcsv.ConvertOptions(
             column_types=types, include_columns=self._wanted,
             null_values=[], strings_can_be_null=False))
+
+
+def _count_lines(text: bytes) -> int:
+  """Newlines in `text`; several times faster than bytes.count, and without
+  the GIL."""
+  return int(np.count_nonzero(np.frombuffer(text, np.uint8) == ord("\n")))
 
 
 def _line_of(text: bytes, number: int) -> int:
@@ -413,7 +421,7 @@ def _labelled_blocks(data, blocks, rows: Sequence[int],
     if len(blocks) == 1:
       raise
   start = 0
-  for (path, _, _), n in zip(blocks, rows):
+  for (path, _, _, _), n in zip(blocks, rows):
     _labelled(data, path, tuple(c[start:start + n] for c in cols))
     start += n
   raise AssertionError("unreachable")
@@ -421,13 +429,14 @@ def _labelled_blocks(data, blocks, rows: Sequence[int],
 
 def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
                  pool: concurrent.futures.Executor
-                 ) -> Iterator[Tuple[str, Optional[bytes], int]]:
-  """(path, text, lines before) of `paths`' blocks, `width` files at a time.
+                 ) -> Iterator[Tuple[str, Optional[bytes], int, int]]:
+  """(path, text, lines before, lines) of `paths`' blocks, `width` files at
+  a time.
 
   The order depends only on the files' contents, never on the threads'
   timing: file after file in `paths` order takes a free slot, and slots are
   visited in turn. Each file's next block is read and inflated ahead on
-  `pool`. When a file ends, (path, None, 0) says so.
+  `pool`. When a file ends, (path, None, 0, 0) says so.
   """
   queue = iter(paths)
 
@@ -442,7 +451,7 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
     path, blocks, pending = active[i]
     block = pending.result()
     if block is None:  # The file is done: the next one takes its slot.
-      yield path, None, 0
+      yield path, None, 0, 0
       following = next(queue, None)
       if following is None:
         del active[i]
@@ -484,7 +493,7 @@ def _parsed_blocks(data, reader: ShardReader, paths: Sequence[str], width: int,
   def finish(group, future):
     packed, rows, skipped = future.result()
     blocks = iter(zip(rows, skipped))
-    for path, text, _ in group:
+    for path, text, _, _ in group:
       count = counts.setdefault(path, [0, 0])
       if text is None:  # The file is done.
         del counts[path]
@@ -533,7 +542,7 @@ class _Mixer:
     self._rng = rng
     self._buf: Optional[np.ndarray] = None
     self._fill = 0
-    self._perm = np.zeros(0, np.int64)
+    self._perm = np.zeros(0, np.int32)
     self._pos = 0
     self.turns = 0
     self._pool_turn = -1
@@ -556,7 +565,10 @@ class _Mixer:
     out, start = [], take
     while start < n:
       if self._pos == len(self._perm):  # A new turn of the buffer.
-        self._perm = self._rng.permutation(self.capacity)
+        # rng.permutation's values, shuffled as int32: half the memory.
+        self._perm = np.arange(
+            self.capacity, dtype=np.int32 if self.capacity < 2**31 else np.int64)
+        self._rng.shuffle(self._perm)
         self._pos = 0
         self.turns += 1
       # Within one turn the slots are distinct, so gather-then-scatter is exact.
