@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import os
+import queue
 import re
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -624,6 +625,62 @@ class _Rows:
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
+_EPOCH_END = object()
+
+
+class _ReadAhead:
+  """Runs a generator on a thread of its own, up to `depth` items ahead.
+
+  Iterating yields the generator's items in order, then re-raises any error
+  it raised. The stream keeps being read (and the parsing pool kept busy)
+  while the consumer is away, e.g. while tf.data holds the stream's
+  generator between two chunks. `close` stops the thread.
+  """
+
+  def __init__(self, make: Callable[[], Iterator[object]], depth: int = 16):
+    self._queue = queue.Queue(depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(make,),
+                                    name="csv_dataset-read", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _run(self, make) -> None:
+    items = make()
+    try:
+      for item in items:
+        if not self._put((True, item)):
+          return
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put((False, e))
+      return
+    finally:
+      items.close()
+    self._put((False, None))
+
+  def __iter__(self):
+    while True:
+      ok, item = self._queue.get()
+      if ok:
+        yield item
+      elif item is None:
+        return
+      else:
+        raise item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
 class _BatchStream:
   """The Python side of one input pipeline: shards -> chunks of whole batches.
 
@@ -670,29 +727,44 @@ class _BatchStream:
     pending = _Rows()
     chunk_rows = layout.rows * self.batches_per_chunk
     state = {"chunk": 0, "batch": 0}
+    sealed = False
+    ahead = _ReadAhead(self._read_passes)
+    try:
+      for item in ahead:
+        if item is _EPOCH_END:
+          if mixer and not sealed:
+            mixer.seal()
+            sealed = True
+          continue
+        for out in (mixer.push(item) if mixer else [item]):
+          pending.add(out)
+        while pending.count >= chunk_rows:
+          chunk = self._chunk(pending.take(chunk_rows), mixer, state)
+          if chunk is not None:
+            yield chunk
+    finally:
+      ahead.close()
+    if mixer:
+      pending.add(mixer.drain())
+    rows = pending.count
+    if self._drop:
+      rows -= rows % layout.rows
+    if rows:
+      chunk = self._chunk(pending.take(rows), mixer, state)
+      if chunk is not None:
+        yield chunk
+
+  def _read_passes(self) -> Iterator[object]:
+    """Row blocks (see `_pack`) of every pass, each pass followed by
+    _EPOCH_END."""
+    data = self._data
     width = max(1, data.files_in_flight)
     threads = max(1, min(width, len(self._files), os.cpu_count() or 2))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      for epoch, paths in enumerate(self._passes()):
-        for rows in _parsed_blocks(data, self._reader, paths, width, pool,
-                                   self._stats):
-          for out in (mixer.push(rows) if mixer else [rows]):
-            pending.add(out)
-          while pending.count >= chunk_rows:
-            chunk = self._chunk(pending.take(chunk_rows), mixer, state)
-            if chunk is not None:
-              yield chunk
-        if mixer and epoch == 0:
-          mixer.seal()
-      if mixer:
-        pending.add(mixer.drain())
-      rows = pending.count
-      if self._drop:
-        rows -= rows % layout.rows
-      if rows:
-        chunk = self._chunk(pending.take(rows), mixer, state)
-        if chunk is not None:
-          yield chunk
+      for paths in self._passes():
+        yield from _parsed_blocks(data, self._reader, paths, width, pool,
+                                  self._stats)
+        yield _EPOCH_END
 
   def _chunk(self, rows, mixer: Optional[_Mixer], state):
     """Adds negatives to a chunk of rows; None if it is all skipped."""
