@@ -4,8 +4,10 @@ How one input pipeline turns its shards into batches:
 
 1. Read: `files_in_flight` files at once, a small block (`block_bytes` of
    gzip) at a time, in a fixed round-robin order. Blocks are inflated by ISA-L
-   and parsed by pyarrow on a thread pool; both release the GIL. A bad row or a
-   truncated shard is reported with the file's name and line.
+   on a thread pool, and consecutive blocks (~1 MiB of text) parsed by one
+   pyarrow call on the same pool; both release the GIL. A thread of its own
+   keeps this going ahead of tf.data. A bad row or a truncated shard is
+   reported with the file's name and line.
 2. Mix (training): rows pass through a buffer of `shuffle_buffer_rows` rows.
    Once it is full, each incoming row takes the slot of one row sent on, the
    slots visited in a fresh random permutation per turn of the buffer. A row
