@@ -469,7 +469,7 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
 # Text parsed per parser call: large enough that the call's fixed cost is
 # small, small enough to stay in cache.
 _PARSE_BYTES = 1 << 20
-# Parser calls in flight on the pool, ahead of the rows being mixed.
+# Parser calls in flight on the pool, ahead of the reading thread.
 _PARSE_AHEAD = 2
 
 
