@@ -4,8 +4,10 @@ How one input pipeline turns its shards into batches:
 
 1. Read: `files_in_flight` files at once, a small block (`block_bytes` of
    gzip) at a time, in a fixed round-robin order. Blocks are inflated by ISA-L
-   and parsed by pyarrow on a thread pool; both release the GIL. A bad row or a
-   truncated shard is reported with the file's name and line.
+   on a thread pool, and consecutive blocks (~1 MiB of text) parsed by one
+   pyarrow call on the same pool; both release the GIL. A thread of its own
+   keeps this going ahead of tf.data. A bad row or a truncated shard is
+   reported with the file's name and line.
 2. Mix (training): rows pass through a buffer of `shuffle_buffer_rows` rows.
    Once it is full, each incoming row takes the slot of one row sent on, the
    slots visited in a fresh random permutation per turn of the buffer. A row
@@ -22,10 +24,12 @@ How one input pipeline turns its shards into batches:
 Nothing here knows about the model.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import itertools
 import os
+import queue
 import re
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -169,24 +173,34 @@ class ShardReader:
     self._skip = bad_rows == "skip"
     self._block_bytes = block_bytes
     self._stats = stats
+    self._arrow_types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
 
   @property
   def wanted(self) -> List[str]:
     """The columns each block holds, in order."""
     return list(self._wanted)
 
-  def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
-    """Yields one tuple of column arrays per block of `path`."""
+  def texts(self, path) -> Iterator[Tuple[bytes, int, int]]:
+    """Yields (text of whole lines, lines before it, its lines) per block of
+    `path`, the header left out."""
     path = path.decode() if isinstance(path, bytes) else str(path)
-    rows = skipped = lines_before = 0
+    lines_before = 0
     first = True
     for text in _text_blocks(path, self._block_bytes):
       if first and self._header:
         text = text[text.find(b"\n") + 1:]
         lines_before = 1
       first = False
+      lines = _count_lines(text)
+      yield text, lines_before, lines
+      lines_before += lines
+
+  def read(self, path) -> Iterator[Tuple[np.ndarray, ...]]:
+    """Yields one tuple of column arrays per block of `path`."""
+    path = path.decode() if isinstance(path, bytes) else str(path)
+    rows = skipped = 0
+    for text, lines_before, _ in self.texts(path):
       table, bad = self._parse(path, text, lines_before)
-      lines_before += text.count(b"\n")
       rows += table.num_rows
       skipped += bad
       self._stats.update(path, rows, skipped)
@@ -194,6 +208,37 @@ class ShardReader:
         yield tuple(self._to_numpy(table.column(c)) for c in self._wanted)
     if skipped:
       logging.warning("%s: skipped %d malformed rows.", path, skipped)
+
+  def parse_blocks(self, blocks: Sequence[Tuple[str, bytes, int, int]]
+                   ) -> Tuple[Tuple[np.ndarray, ...], List[int], List[int]]:
+    """Parses blocks (path, text, lines before, lines) of one or more files
+    at once.
+
+    One parser call over the blocks' text is much cheaper than one per block.
+    If the text holds anything but plain rows (a malformed row, an empty
+    line), each block is parsed on its own instead, exactly as `read` does.
+
+    Returns:
+      The wanted columns of all the blocks' rows, in order, and per block
+      the rows it gave and the malformed rows it skipped.
+    """
+    texts = [text for _, text, _, _ in blocks]
+    lines = [n for _, _, _, n in blocks]
+    try:
+      table = self._read_csv(texts[0] if len(texts) == 1 else b"".join(texts),
+                             self._arrow_types, None)
+      if table.num_rows == sum(lines):  # No empty line: a row per line.
+        return (tuple(self._to_numpy(table.column(c)) for c in self._wanted),
+                lines, [0] * len(blocks))
+    except pa.ArrowInvalid:
+      pass
+    parts, rows, skipped = [], [], []
+    for path, text, lines_before, _ in blocks:
+      table, bad = self._parse(path, text, lines_before)
+      parts.append([self._to_numpy(table.column(c)) for c in self._wanted])
+      rows.append(table.num_rows)
+      skipped.append(bad)
+    return tuple(np.concatenate(cs) for cs in zip(*parts)), rows, skipped
 
   @staticmethod
   def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -218,7 +263,7 @@ class ShardReader:
 
     # Numbers are read as text only when one is bad: to skip its row, or to
     # say which line it is on.
-    types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
+    types = self._arrow_types
     try:
       table = self._read_csv(text, types, on_invalid_row)
       return table, len(bad_shape)
@@ -257,6 +302,12 @@ class ShardReader:
         convert_options=pcsv.ConvertOptions(
             column_types=types, include_columns=self._wanted,
             null_values=[], strings_can_be_null=False))
+
+
+def _count_lines(text: bytes) -> int:
+  """Newlines in `text`; several times faster than bytes.count, and without
+  the GIL."""
+  return int(np.count_nonzero(np.frombuffer(text, np.uint8) == ord("\n")))
 
 
 def _line_of(text: bytes, number: int) -> int:
@@ -351,18 +402,49 @@ def _labelled(data, path: str, cols) -> Tuple[np.ndarray, ...]:
   return (user, item, value.astype(np.float32), *extra)
 
 
+def _pack(cols: Sequence[np.ndarray]) -> np.ndarray:
+  """Columns as one array of records (fields f0, f1, ...), so that moving a
+  row is one operation whatever the number of columns."""
+  rows = np.empty(len(cols[0]), [(f"f{i}", c.dtype) for i, c in enumerate(cols)])
+  for i, c in enumerate(cols):
+    rows[f"f{i}"] = c
+  return rows
+
+
+def _unpack(rows: np.ndarray) -> List[np.ndarray]:
+  return [np.ascontiguousarray(rows[f]) for f in rows.dtype.names]
+
+
+def _labelled_blocks(data, blocks, rows: Sequence[int],
+                     cols) -> Tuple[np.ndarray, ...]:
+  """`_labelled` of the rows of several blocks; an error names its block's file."""
+  try:
+    return _labelled(data, blocks[0][0], cols)
+  except InputDataError:
+    if len(blocks) == 1:
+      raise
+  start = 0
+  for (path, _, _, _), n in zip(blocks, rows):
+    _labelled(data, path, tuple(c[start:start + n] for c in cols))
+    start += n
+  raise AssertionError("unreachable")
+
+
 def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
-                 pool: concurrent.futures.Executor) -> Iterator[Tuple[str, tuple]]:
-  """(path, block) of `paths`, `width` files at a time, block by block.
+                 pool: concurrent.futures.Executor
+                 ) -> Iterator[Tuple[str, Optional[bytes], int, int]]:
+  """(path, text, lines before, lines) of `paths`' blocks, `width` files at
+  a time.
 
   The order depends only on the files' contents, never on the threads'
   timing: file after file in `paths` order takes a free slot, and slots are
-  visited in turn. Each file's next block is parsed ahead on `pool`.
+  visited in turn. Each file's next block is read and inflated ahead on
+  `pool`. When a file ends, (path, None, 0, 0) says so.
   """
   queue = iter(paths)
 
   def start(path):
-    blocks = reader.read(path)
+    blocks = reader.texts(path)
     return [path, blocks, pool.submit(next, blocks, None)]
 
   active = [start(p) for p in itertools.islice(queue, width)]
@@ -372,6 +454,7 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
     path, blocks, pending = active[i]
     block = pending.result()
     if block is None:  # The file is done: the next one takes its slot.
+      yield path, None, 0, 0
       following = next(queue, None)
       if following is None:
         del active[i]
@@ -379,8 +462,72 @@ def _round_robin(reader: ShardReader, paths: Sequence[str], width: int,
       active[i] = start(following)
     else:
       active[i][2] = pool.submit(next, blocks, None)
-      yield path, block
+      yield (path, *block)
     i += 1
+
+
+# Text parsed per parser call: large enough that the call's fixed cost is
+# small, small enough to stay in cache.
+_PARSE_BYTES = 1 << 20
+# Parser calls in flight on the pool, ahead of the reading thread.
+_PARSE_AHEAD = 2
+
+
+def _parsed_blocks(data, reader: ShardReader, paths: Sequence[str], width: int,
+                   pool: concurrent.futures.Executor, stats: RowStats
+                   ) -> Iterator[np.ndarray]:
+  """The labelled rows of `paths` (see `_labelled`, `_pack`), in
+  `_round_robin` order.
+
+  Consecutive blocks (of any files) are parsed together, `_PARSE_BYTES` of
+  text at a time, on `pool`, ahead of the caller. Which blocks go together
+  depends only on the files' contents.
+  """
+
+  def parse(group):
+    blocks = [b for b in group if b[1] is not None]
+    if not blocks:
+      return None, [], []
+    cols, rows, skipped = reader.parse_blocks(blocks)
+    return _pack(_labelled_blocks(data, blocks, rows, cols)), rows, skipped
+
+  counts: Dict[str, List[int]] = {}
+
+  def finish(group, future):
+    packed, rows, skipped = future.result()
+    blocks = iter(zip(rows, skipped))
+    for path, text, _, _ in group:
+      count = counts.setdefault(path, [0, 0])
+      if text is None:  # The file is done.
+        del counts[path]
+        if count[1]:
+          logging.warning("%s: skipped %d malformed rows.", path, count[1])
+        continue
+      r, bad = next(blocks)
+      count[0] += r
+      count[1] += bad
+      stats.update(path, count[0], count[1])
+    return packed
+
+  ahead = collections.deque()
+  group, size = [], 0
+  for block in _round_robin(reader, paths, width, pool):
+    group.append(block)
+    if block[1] is not None:
+      size += len(block[1])
+    if size >= _PARSE_BYTES:
+      ahead.append((group, pool.submit(parse, group)))
+      group, size = [], 0
+      while len(ahead) > _PARSE_AHEAD:
+        rows = finish(*ahead.popleft())
+        if rows is not None and len(rows):
+          yield rows
+  if group:
+    ahead.append((group, pool.submit(parse, group)))
+  while ahead:
+    rows = finish(*ahead.popleft())
+    if rows is not None and len(rows):
+      yield rows
 
 
 class _Mixer:
@@ -396,9 +543,9 @@ class _Mixer:
   def __init__(self, capacity: int, rng: np.random.Generator):
     self.capacity = capacity
     self._rng = rng
-    self._buf: Optional[List[np.ndarray]] = None
+    self._buf: Optional[np.ndarray] = None
     self._fill = 0
-    self._perm = np.zeros(0, np.int64)
+    self._perm = np.zeros(0, np.int32)
     self._pos = 0
     self.turns = 0
     self._pool_turn = -1
@@ -409,72 +556,131 @@ class _Mixer:
     if self._fill < self.capacity and self._buf is not None:
       self.capacity = self._fill
 
-  def push(self, cols: Tuple[np.ndarray, ...]) -> List[Tuple[np.ndarray, ...]]:
-    """Takes a block of rows; returns the (possibly empty) rows sent on."""
-    n = len(cols[0])
+  def push(self, rows: np.ndarray) -> List[np.ndarray]:
+    """Takes a block of rows (see `_pack`); returns the (possibly empty)
+    rows sent on."""
+    n = len(rows)
     if self._buf is None:
-      self._buf = [np.empty(self.capacity, c.dtype) for c in cols]
+      self._buf = np.empty(self.capacity, rows.dtype)
     take = min(n, self.capacity - self._fill)
-    for b, c in zip(self._buf, cols):
-      b[self._fill:self._fill + take] = c[:take]
+    self._buf[self._fill:self._fill + take] = rows[:take]
     self._fill += take
     out, start = [], take
     while start < n:
       if self._pos == len(self._perm):  # A new turn of the buffer.
-        self._perm = self._rng.permutation(self.capacity)
+        # rng.permutation's values, shuffled as int32: half the memory.
+        self._perm = np.arange(
+            self.capacity, dtype=np.int32 if self.capacity < 2**31 else np.int64)
+        self._rng.shuffle(self._perm)
         self._pos = 0
         self.turns += 1
       # Within one turn the slots are distinct, so gather-then-scatter is exact.
       k = min(n - start, len(self._perm) - self._pos)
       slots = self._perm[self._pos:self._pos + k]
       self._pos += k
-      # np.take/np.put: 2-3x faster than fancy indexing here.
-      out.append(tuple(np.take(b, slots) for b in self._buf))
-      for b, c in zip(self._buf, cols):
-        np.put(b, slots, c[start:start + k])
+      # np.take/np.put of whole rows: several times faster than fancy
+      # indexing, or than one call per column.
+      out.append(np.take(self._buf, slots))
+      np.put(self._buf, slots, rows[start:start + k])
       start += k
     return out
 
-  def drain(self) -> Tuple[np.ndarray, ...]:
+  def drain(self) -> Optional[np.ndarray]:
     """Sends on every row still held, in random order; the stream has ended."""
     if self._buf is None:
-      return ()
+      return None
     order = self._rng.permutation(self._fill)
-    return tuple(b[:self._fill][order] for b in self._buf)
+    return self._buf[:self._fill][order]
 
   def distinct_items(self) -> np.ndarray:
     """The distinct items in the buffer, recomputed once per turn."""
     if self._pool is None or self._pool_turn != self.turns:
-      self._pool = np.unique(self._buf[1][:self._fill])
+      self._pool = np.unique(self._buf["f1"][:self._fill])
       self._pool_turn = self.turns
     return self._pool
 
 
 class _Rows:
-  """A queue of row blocks that hands out fixed numbers of rows."""
+  """A queue of row blocks (see `_pack`) that hands out fixed numbers of rows."""
 
   def __init__(self):
-    self._parts: List[Tuple[np.ndarray, ...]] = []
+    self._parts: List[np.ndarray] = []
     self.count = 0
 
-  def add(self, cols: Tuple[np.ndarray, ...]) -> None:
-    if cols and len(cols[0]):
-      self._parts.append(cols)
-      self.count += len(cols[0])
+  def add(self, rows: Optional[np.ndarray]) -> None:
+    if rows is not None and len(rows):
+      self._parts.append(rows)
+      self.count += len(rows)
 
-  def take(self, n: int) -> Tuple[np.ndarray, ...]:
+  def take(self, n: int) -> np.ndarray:
     out, got = [], 0
     while got < n:
       part = self._parts[0]
-      k = min(n - got, len(part[0]))
-      out.append(tuple(c[:k] for c in part))
-      if k == len(part[0]):
+      k = min(n - got, len(part))
+      out.append(part[:k])
+      if k == len(part):
         self._parts.pop(0)
       else:
-        self._parts[0] = tuple(c[k:] for c in part)
+        self._parts[0] = part[k:]
       got += k
     self.count -= n
-    return tuple(np.concatenate(cs) for cs in zip(*out))
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+_EPOCH_END = object()
+
+
+class _ReadAhead:
+  """Runs a generator on a thread of its own, up to `depth` items ahead.
+
+  Iterating yields the generator's items in order, then re-raises any error
+  it raised. The stream keeps being read (and the parsing pool kept busy)
+  while the consumer is away, e.g. while tf.data holds the stream's
+  generator between two chunks. `close` stops the thread.
+  """
+
+  def __init__(self, make: Callable[[], Iterator[object]], depth: int = 16):
+    self._queue = queue.Queue(depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(make,),
+                                    name="csv_dataset-read", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _run(self, make) -> None:
+    items = make()
+    try:
+      for item in items:
+        if not self._put((True, item)):
+          return
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put((False, e))
+      return
+    finally:
+      items.close()
+    self._put((False, None))
+
+  def __iter__(self):
+    while True:
+      ok, item = self._queue.get()
+      if ok:
+        yield item
+      elif item is None:
+        return
+      else:
+        raise item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
 
 
 class _BatchStream:
@@ -502,9 +708,10 @@ class _BatchStream:
     self._pipeline = pipeline
     self._catalog = catalog
     self._reader = _reader(data, stats)
+    self._stats = stats
     # Chunks of ~64k examples keep the per-element cost of the generator
     # small at any batch size.
-    self._batches_per_chunk = max(1, (1 << 18) // layout.examples)
+    self.batches_per_chunk = max(1, (1 << 18) // layout.examples)
 
   def _passes(self) -> Iterator[List[str]]:
     epoch = 0
@@ -520,42 +727,57 @@ class _BatchStream:
     mixer = (_Mixer(data.shuffle_buffer_rows, np.random.default_rng(
         [self._seed, self._pipeline, 1 << 20])) if self._training else None)
     pending = _Rows()
-    chunk_rows = layout.rows * self._batches_per_chunk
+    chunk_rows = layout.rows * self.batches_per_chunk
     state = {"chunk": 0, "batch": 0}
+    sealed = False
+    ahead = _ReadAhead(self._read_passes)
+    try:
+      for item in ahead:
+        if item is _EPOCH_END:
+          if mixer and not sealed:
+            mixer.seal()
+            sealed = True
+          continue
+        for out in (mixer.push(item) if mixer else [item]):
+          pending.add(out)
+        while pending.count >= chunk_rows:
+          chunk = self._chunk(pending.take(chunk_rows), mixer, state)
+          if chunk is not None:
+            yield chunk
+    finally:
+      ahead.close()
+    if mixer:
+      pending.add(mixer.drain())
+    rows = pending.count
+    if self._drop:
+      rows -= rows % layout.rows
+    if rows:
+      chunk = self._chunk(pending.take(rows), mixer, state)
+      if chunk is not None:
+        yield chunk
+
+  def _read_passes(self) -> Iterator[object]:
+    """Row blocks (see `_pack`) of every pass, each pass followed by
+    _EPOCH_END."""
+    data = self._data
     width = max(1, data.files_in_flight)
     threads = max(1, min(width, len(self._files), os.cpu_count() or 2))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      for epoch, paths in enumerate(self._passes()):
-        for path, block in _round_robin(self._reader, paths, width, pool):
-          rows = _labelled(data, path, block)
-          for out in (mixer.push(rows) if mixer else [rows]):
-            pending.add(out)
-          while pending.count >= chunk_rows:
-            chunk = self._chunk(pending.take(chunk_rows), mixer, state)
-            if chunk is not None:
-              yield chunk
-        if mixer and epoch == 0:
-          mixer.seal()
-      if mixer:
-        pending.add(mixer.drain())
-      rows = pending.count
-      if self._drop:
-        rows -= rows % layout.rows
-      if rows:
-        chunk = self._chunk(pending.take(rows), mixer, state)
-        if chunk is not None:
-          yield chunk
+      for paths in self._passes():
+        yield from _parsed_blocks(data, self._reader, paths, width, pool,
+                                  self._stats)
+        yield _EPOCH_END
 
   def _chunk(self, rows, mixer: Optional[_Mixer], state):
     """Adds negatives to a chunk of rows; None if it is all skipped."""
     layout, k = self._layout, self._data.num_negatives
-    n = len(rows[0])
+    n = len(rows)
     first, chunk = state["batch"], state["chunk"]
     state["batch"] += -(-n // layout.rows)
     state["chunk"] += 1
     if state["batch"] <= self._skip:
       return None
-    user, item, label, *extra = rows
+    user, item, label, *extra = _unpack(rows)
     if k:
       if self._catalog is not None:
         pool = self._catalog
@@ -663,12 +885,17 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   ds = ds.rebatch(layout.examples, drop_remainder=drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
+  # No autotuning: nothing here has a parallelism to tune, and TensorFlow's
+  # autotuning thread makes deleting an iterator wait out its sleep (up to
+  # 5 s at the end of each pass).
+  options.autotune.enabled = False
   # With an input context the files were sharded above; without one the
   # caller may hand the dataset to a strategy, which then splits its batches.
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
       else tf.data.experimental.AutoShardPolicy.DATA)
-  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+  # Batches of two chunks ahead.
+  return ds.with_options(options).prefetch(2 * stream.batches_per_chunk)
 
 
 def _row_bytes(data) -> int:

@@ -3,6 +3,8 @@
 import gzip
 import os
 import subprocess
+import threading
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -101,6 +103,32 @@ class CsvDatasetTest(tf.test.TestCase):
     self.assertLen(first, 36)  # 2 epochs x 9000 rows / 500.
     # Rows of different files are mixed within a batch by the shuffle.
     self.assertGreater(len({u // 10000 for u in first[0]}), 1)
+
+  def test_stopping_early_stops_the_reading_thread(self):
+    paths = [write(os.path.join(self.dir, f"r{i}.csv.gz"),
+                   "".join(f"{r},{r},1,0\n" for r in range(2000)))
+             for i in range(2)]
+    reading = lambda: [t for t in threading.enumerate()
+                       if t.name == "csv_dataset-read"]
+    ds = csv_dataset.make_dataset(self.data, paths, 100, training=True,
+                                  repeat=True)
+    it = iter(ds)
+    for _ in range(5):
+      next(it)
+    self.assertLen(reading(), 1)
+    del it
+    for _ in range(100):
+      if not reading():
+        break
+      time.sleep(0.05)
+    self.assertEmpty(reading())
+
+  def test_errors_in_later_blocks_reach_the_consumer(self):
+    text = "".join(f"{r},{r},1,0\n" for r in range(30_000)) + "9,x,1,0\n"
+    path = write(os.path.join(self.dir, "late.csv.gz"), text)
+    with self.assertRaisesRegex(tf.errors.OpError,
+                                "late.csv.gz: line 30001: "):
+      collect(csv_dataset.make_dataset(self.data, [path], 64, training=True))
 
   def test_files_are_sharded_by_input_pipeline(self):
     paths = [write(os.path.join(self.dir, f"q{i}.csv.gz"), f"{i},1,1,0\n")
