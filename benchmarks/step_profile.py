@@ -29,8 +29,9 @@ _STEPS = flags.DEFINE_integer("steps", 300, "Steps traced.")
 _ROWS = flags.DEFINE_integer("table_rows", 200_000, "Rows per table.")
 _DIM = flags.DEFINE_integer("dim", 32, "Factors per row (plus a bias).")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adagrad", "Tables' optimizer.")
-_INTRA = flags.DEFINE_integer("intra_op_threads", 0,
-                              "Threads per op (0: TensorFlow's choice).")
+_INTRA = flags.DEFINE_integer(
+    "intra_op_threads", -1, "Threads per op (0: TensorFlow's choice; -1: the "
+    "trainer's default for MF, 1).")
 _INTER = flags.DEFINE_integer("inter_op_threads", 0,
                               "Ops at once (0: TensorFlow's choice).")
 
@@ -62,16 +63,18 @@ def main(argv):
   from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
   from trainer import embedding  # pylint: disable=g-import-not-at-top
   from trainer import models  # pylint: disable=g-import-not-at-top
-  if _INTRA.value:
-    tf.config.threading.set_intra_op_parallelism_threads(_INTRA.value)
-  if _INTER.value:
-    tf.config.threading.set_inter_op_parallelism_threads(_INTER.value)
+  from trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
   batch, steps = _BATCH.value, _STEPS.value
   tables = tuple(config_lib.TableConfig(f, num_bins=_ROWS.value, salt=i + 1,
                                         optimizer=_OPTIMIZER.value)
                  for i, f in enumerate(("user_id", "item_id")))
-  config = config_lib.Config(model=config_lib.ModelConfig(
-      embedding_dim=_DIM.value, tables=tables))
+  config = config_lib.validate(config_lib.Config(
+      data=config_lib.DataConfig(train_files=("x",)),
+      model=config_lib.ModelConfig(embedding_dim=_DIM.value, tables=tables),
+      runtime=config_lib.RuntimeConfig(model_dir="unused",
+                                       intra_op_threads=_INTRA.value,
+                                       inter_op_threads=_INTER.value)))
+  strategy_lib.set_threads(config.runtime)
   model = models.build_model(config)
   model.compile(optimizer=embedding.make_optimizer("adagrad", 0.05),
                 steps_per_execution=16)
@@ -112,7 +115,8 @@ def main(argv):
   total = sum(by_type.values())
   print(f"Step of {batch} examples, two {_ROWS.value:,} x {_DIM.value + 1} "
         f"tables, {_OPTIMIZER.value}, intra/inter-op threads "
-        f"{_INTRA.value or 'default'}/{_INTER.value or 'default'}: "
+        f"{config.runtime.intra_op_threads or 'default'}/"
+        f"{_INTER.value or 'default'}: "
         f"{wall_ms:.2f} ms wall "
         f"({batch / wall_ms / 1e3:.2f}M examples/s); op time traced "
         f"{total:.2f} ms/step (ops of the two cores overlap; the profiler "

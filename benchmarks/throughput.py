@@ -152,9 +152,12 @@ def _our_model(optimizer, steps_per_execution=16):
   tables = tuple(config_lib.TableConfig(f, num_bins=TABLE_ROWS, salt=i + 1,
                                         optimizer=optimizer)
                  for i, f in enumerate(("user_id", "item_id")))
-  config = config_lib.Config(
+  from trainer import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.validate(config_lib.Config(
       data=config_lib.DataConfig(train_files=("x",)),
-      model=config_lib.ModelConfig(embedding_dim=DIM, tables=tables))
+      model=config_lib.ModelConfig(embedding_dim=DIM, tables=tables),
+      runtime=config_lib.RuntimeConfig(model_dir="unused")))
+  strategy_lib.set_threads(config.runtime)  # The trainer's thread pools.
   model = model_lib.MatrixFactorization(config)
   model.compile(optimizer=embedding.make_optimizer("adagrad", 0.05),
                 steps_per_execution=steps_per_execution)

@@ -24,14 +24,7 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   Raises:
     ValueError: For an unknown strategy name.
   """
-  # Like the logical devices below, thread pools are fixed when TensorFlow
-  # starts its runtime: this comes before any op runs.
-  if runtime.intra_op_threads:
-    tf.config.threading.set_intra_op_parallelism_threads(
-        runtime.intra_op_threads)
-  if runtime.inter_op_threads:
-    tf.config.threading.set_inter_op_parallelism_threads(
-        runtime.inter_op_threads)
+  set_threads(runtime)
   if runtime.num_cpu_devices > 1:
     # Logical CPU devices let the mirrored strategy run (and be tested) on one
     # host; this must happen before TF initialises its devices.
@@ -80,6 +73,31 @@ def make_strategy(runtime) -> tf.distribute.Strategy:
   logging.info("Strategy: %s with %d replica(s).", type(strategy).__name__,
                strategy.num_replicas_in_sync)
   return strategy
+
+
+def set_threads(runtime) -> None:
+  """Sets TensorFlow's thread pools as the RuntimeConfig asks.
+
+  Like the logical devices, they are fixed once TensorFlow's runtime has
+  started: a process that has run ops already (a second run in one process,
+  as in tests) keeps the pools it has, and says so.
+  """
+  threading = tf.config.threading
+  for name, want, get, put in (
+      ("intra", max(0, runtime.intra_op_threads),
+       threading.get_intra_op_parallelism_threads,
+       threading.set_intra_op_parallelism_threads),
+      ("inter", runtime.inter_op_threads,
+       threading.get_inter_op_parallelism_threads,
+       threading.set_inter_op_parallelism_threads)):
+    if get() == want:
+      continue
+    try:
+      put(want)
+    except RuntimeError:
+      logging.warning("TensorFlow has started already: %s-op threads stay "
+                      "%s (asked for %s).", name, get() or "its choice",
+                      want or "its choice")
 
 
 def _serve(resolver) -> None:
