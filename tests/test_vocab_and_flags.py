@@ -85,9 +85,16 @@ class FlagsTest(tf.test.TestCase):
         (dict(data=dict(columns=("a", "b"))), "has 2 names but"),
         (dict(model=dict(id_mode="vocab", min_count=0)), "--min_count"),
         (dict(runtime=dict(strategy="tpu")), "needs --tpu"),
+        (dict(retrieval=dict(scann=True)), "--scann .* needs --model=two_tower"),
+        (dict(runtime=dict(intra_op_threads=-2)), "--intra_op_threads"),
     ):
       with self.assertRaisesRegex(ValueError, message):
         config_lib.validate(config_lib.replace(base, **fields))
+    # Threads per op: automatic is 1 for MF, TensorFlow's choice for
+    # two-tower; a number given is kept.
+    self.assertEqual(config_lib.validate(base).runtime.intra_op_threads, 1)
+    self.assertEqual(config_lib.validate(config_lib.replace(
+        base, runtime=dict(intra_op_threads=3))).runtime.intra_op_threads, 3)
 
   def test_config_json_round_trip(self):
     config = config_lib.demo_preset("/w")

@@ -359,6 +359,9 @@ def validate(config: Config) -> Config:
   for col in d.feature_columns:
     _check(col in d.columns, "Feature column %r is not among --columns %s.",
            col, d.columns)
+  _check(not config.retrieval.scann or m.kind == "two_tower",
+         "--scann indexes a retrieval model's items: it needs "
+         "--model=two_tower.")
   if m.kind == "two_tower":
     rc = config.retrieval
     _check(d.num_negatives == 0, "--model=two_tower takes its negatives from "

@@ -280,16 +280,18 @@ def write_scann_index(candidates: np.ndarray, queries: np.ndarray, path: str,
             2, anisotropic_quantization_threshold=0.2).reorder(
                 min(n, 100)).build()
   build_s = time.time() - t0
-  t0 = time.time()
-  found, _ = searcher.search_batched(queries, final_num_neighbors=k)
-  search_ms = (time.time() - t0) * 1e3 / max(1, len(queries))
-  hits = 0
-  for start in range(0, len(queries), 4096):  # Exact top-k, in chunks.
-    scores = queries[start:start + 4096] @ db.T
-    exact = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    for got, want in zip(found[start:start + 4096], exact):
-      hits += len(set(got.tolist()) & set(want.tolist()))
-  recall = hits / max(1, k * len(queries))
+  recall = search_ms = None  # Not measured without queries.
+  if len(queries):
+    t0 = time.time()
+    found, _ = searcher.search_batched(queries, final_num_neighbors=k)
+    search_ms = round((time.time() - t0) * 1e3 / len(queries), 4)
+    hits = 0
+    for start in range(0, len(queries), 4096):  # Exact top-k, in chunks.
+      scores = queries[start:start + 4096] @ db.T
+      exact = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+      for got, want in zip(found[start:start + 4096], exact):
+        hits += len(set(got.tolist()) & set(want.tolist()))
+    recall = round(hits / (k * len(queries)), 6)
   # ScaNN writes to local files; gs:// gets a copy.
   with tempfile.TemporaryDirectory() as local:
     searcher.serialize(local, relative_path=True)
@@ -297,13 +299,13 @@ def write_scann_index(candidates: np.ndarray, queries: np.ndarray, path: str,
     for name in os.listdir(local):
       tf.io.gfile.copy(os.path.join(local, name), os.path.join(path, name),
                        overwrite=True)
-  logging.info("ScaNN index of %d items in %s (%.1fs): recall@%d %.4f "
-               "against brute force over %d queries, %.3f ms per query.",
+  logging.info("ScaNN index of %d items in %s (%.1fs): recall@%d %s "
+               "against brute force over %d queries, %s ms per query.",
                n, path, build_s, k, recall, len(queries), search_ms)
-  return {f"scann_recall@{k}": round(recall, 6), "scann_items": n,
+  return {f"scann_recall@{k}": recall, "scann_items": n,
           "scann_queries": len(queries),
           "scann_build_seconds": round(build_s, 3),
-          "scann_search_ms_per_query": round(search_ms, 4)}
+          "scann_search_ms_per_query": search_ms}
 
 
 def export_embedding_history(model, config, root: str) -> str:
