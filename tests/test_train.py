@@ -110,7 +110,11 @@ class DemoTest(tf.test.TestCase):
 
   def test_config_json_reproduces_the_run(self):
     config = config_lib.load(os.path.join(self.model_dir, "config.json"))
-    self.assertEqual(config, config_lib.demo_preset(self.work))
+    # The run's settings as validated: automatic ones resolved (one thread
+    # per op for MF).
+    self.assertEqual(config,
+                     config_lib.validate(config_lib.demo_preset(self.work)))
+    self.assertEqual(config.runtime.intra_op_threads, 1)
 
   def test_reloaded_export_scores_exactly_as_the_model(self):
     users, items = [0, 1, 2, 1999, 123456789], [5, 6, 7, 999, 987654321]
