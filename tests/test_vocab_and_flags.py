@@ -95,6 +95,9 @@ class FlagsTest(tf.test.TestCase):
     self.assertEqual(config_lib.validate(base).runtime.intra_op_threads, 1)
     self.assertEqual(config_lib.validate(config_lib.replace(
         base, runtime=dict(intra_op_threads=3))).runtime.intra_op_threads, 3)
+    self.assertEqual(config_lib.validate(config_lib.replace(
+        base, runtime=dict(strategy="tpu", tpu="local"))
+    ).runtime.intra_op_threads, 0)  # The TPU path keeps TensorFlow's pools.
 
   def test_config_json_round_trip(self):
     config = config_lib.demo_preset("/w")

@@ -234,8 +234,8 @@ class RuntimeConfig:
     strategy: One of STRATEGIES.
     tpu: TPU name or address for the tpu strategy ("local" on a TPU VM).
     intra_op_threads: Threads one TensorFlow op may use: 0 is TensorFlow's
-      choice (one per core); -1 (the default) picks 1 for mf and 0 for
-      two_tower. With 1 each op runs on the thread that scheduled it, so the
+      choice (one per core); -1 (the default) picks 1 for mf off TPU, and 0
+      for two_tower and on TPU. With 1 each op runs on the thread that scheduled it, so the
       MF step's small gathers and scatters wait for no other thread (end to
       end on 2 cores: 1.06-1.36M vs 0.96-1.12M examples/s; README,
       Performance); the two tables' ops still run side by side.
@@ -414,9 +414,9 @@ def validate(config: Config) -> Config:
          "--intra_op_threads must be >= -1 (-1: automatic, 0: TensorFlow's "
          "choice) and --inter_op_threads >= 0 (0: TensorFlow's choice).")
   _check(bool(r.model_dir), "Set --model_dir.")
-  if r.intra_op_threads == -1:
+  if r.intra_op_threads == -1:  # Automatic; the TPU path keeps TF's pools.
     config = replace(config, runtime={
-        "intra_op_threads": 1 if m.kind == "mf" else 0})
+        "intra_op_threads": 1 if m.kind == "mf" and r.strategy != "tpu" else 0})
   return config
 
 

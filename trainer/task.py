@@ -118,7 +118,7 @@ flags.DEFINE_enum("strategy", None, config_lib.STRATEGIES, "tf.distribute strate
 flags.DEFINE_string("tpu", None, "TPU name, or 'local' on a TPU VM.")
 flags.DEFINE_integer("intra_op_threads", None,
                      "Threads per TensorFlow op (0: one per core; default "
-                     "-1: 1 for mf, one per core for two_tower).")
+                     "-1: 1 for mf off TPU, else one per core).")
 flags.DEFINE_integer("inter_op_threads", None,
                      "TensorFlow ops run at once (0: TensorFlow's choice).")
 flags.DEFINE_integer("num_cpu_devices", None,
