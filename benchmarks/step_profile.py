@@ -2,7 +2,7 @@ r"""Where a training step's time goes: the TensorFlow profiler's trace, summaris
 
   python -m benchmarks.step_profile [--batch=4096] [--steps=300] \
       [--table_rows=200000] [--dim=32] [--optimizer=adagrad] \
-      [--intra_op_threads=0] [--inter_op_threads=0]
+      [--intra_op_threads=-1] [--inter_op_threads=0]
 
 Trains the real MatrixFactorization (two tables of --table_rows x dim+1,
 per-table optimizers, Keras fit with steps_per_execution 16) on in-memory

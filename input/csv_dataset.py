@@ -729,14 +729,12 @@ class _BatchStream:
     pending = _Rows()
     chunk_rows = layout.rows * self.batches_per_chunk
     state = {"chunk": 0, "batch": 0}
-    sealed = False
     ahead = _ReadAhead(self._read_passes)
     try:
       for item in ahead:
         if item is _EPOCH_END:
-          if mixer and not sealed:
+          if mixer:  # After the first pass this changes nothing.
             mixer.seal()
-            sealed = True
           continue
         for out in (mixer.push(item) if mixer else [item]):
           pending.add(out)

@@ -235,10 +235,11 @@ class RuntimeConfig:
     tpu: TPU name or address for the tpu strategy ("local" on a TPU VM).
     intra_op_threads: Threads one TensorFlow op may use: 0 is TensorFlow's
       choice (one per core); -1 (the default) picks 1 for mf off TPU, and 0
-      for two_tower and on TPU. With 1 each op runs on the thread that scheduled it, so the
-      MF step's small gathers and scatters wait for no other thread (end to
-      end on 2 cores: 1.06-1.36M vs 0.96-1.12M examples/s; README,
-      Performance); the two tables' ops still run side by side.
+      for two_tower and on TPU. With 1 each op runs on the thread that
+      scheduled it, so the MF step's small gathers and scatters wait for no
+      other thread (end to end on 2 cores: 1.06-1.36M vs 0.96-1.12M
+      examples/s; README, Performance); the two tables' ops still run side
+      by side.
     inter_op_threads: Ops run at once (0: TensorFlow's choice).
     num_cpu_devices: Split the CPU into this many logical devices (lets the
       mirrored strategy run, and be tested, on one CPU host).

@@ -62,16 +62,17 @@ def export_saved_model(model, data, export_dir: str) -> str:
   return export_dir
 
 
-def export_version(model, data, export_dir: str, scann_queries=None,
-                   info: Optional[Dict] = None) -> str:
+def export_version(model, data, export_dir: str, scann: bool = False,
+                   scann_queries=None, info: Optional[Dict] = None) -> str:
   """Writes the SavedModel and the tables as a new version of export_dir.
 
   Args:
     model: A trained MatrixFactorization or TwoTower.
     data: The DataConfig (ID column names and types).
     export_dir: The folder of versions (local or gs://).
-    scann_queries: Two-tower only: if given, query embeddings [Q, d]; the
-      version then holds a ScaNN index too (see write_scann_index).
+    scann: Two-tower only: the version also holds a ScaNN index (see
+      write_scann_index).
+    scann_queries: Query embeddings [Q, d] to measure the index's recall on.
     info: If given, receives what the export measured (ScaNN's recall).
 
   Returns:
@@ -86,7 +87,8 @@ def export_version(model, data, export_dir: str, scann_queries=None,
   # reads the export before the rename makes it a version.
   tmp = os.path.join(export_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
   if hasattr(model, "query_embedding"):
-    measured = export_retrieval(model, data, tmp, scann_queries=scann_queries)
+    measured = export_retrieval(model, data, tmp, scann=scann,
+                                scann_queries=scann_queries)
     if info is not None:
       info.update(measured)
   else:
@@ -203,6 +205,7 @@ class _TopK(tf.Module):
 
 
 def export_retrieval(model, data, export_dir: str, catalog=None,
+                     scann: bool = False,
                      scann_queries=None) -> Dict[str, float]:
   """Writes a two-tower model's top-K SavedModel, query tower and embeddings.
 
@@ -211,10 +214,10 @@ def export_retrieval(model, data, export_dir: str, catalog=None,
     data: The DataConfig (column names and types).
     export_dir: The version folder: serving_default there is the top-K model;
       query_tower/ holds the query tower; item_embeddings.parquet the catalog;
-      with scann_queries, scann/ a ScaNN index over the same embeddings.
+      with scann, scann/ a ScaNN index over the same embeddings.
     catalog: Item IDs to retrieve from (default: the model's catalog).
-    scann_queries: Query embeddings [Q, d] to measure the ScaNN index's
-      recall@10 on, or None for no index.
+    scann: Whether to write the ScaNN index.
+    scann_queries: Query embeddings [Q, d] to measure its recall@10 on.
 
   Returns:
     What was measured: {} or the ScaNN index's figures.
@@ -237,22 +240,22 @@ def export_retrieval(model, data, export_dir: str, catalog=None,
                "item_ids, scores) over %d items; query_tower/; "
                "item_embeddings.parquet.", export_dir, ", ".join(inputs),
                len(ids))
-  if scann_queries is None:
+  if not scann:
     return {}
   return write_scann_index(candidates, scann_queries,
                            os.path.join(export_dir, "scann"))
 
 
-def write_scann_index(candidates: np.ndarray, queries: np.ndarray, path: str,
-                      k: int = 10) -> Dict[str, float]:
+def write_scann_index(candidates: np.ndarray, queries: Optional[np.ndarray],
+                      path: str, k: int = 10) -> Dict[str, float]:
   """Builds a ScaNN index of `candidates` (dot product), writes it to `path`.
 
   Rows of the index are rows of item_embeddings.parquet (same order), so a
   neighbour's position is its item's row there. The index partitions the
   catalog into about sqrt(N) leaves, searches a fifth of them (at least 8),
   scores with anisotropic hashing and re-scores the best 100 exactly;
-  catalogs under 256 items are searched by brute force. Its recall@k is measured against exact
-  top-k on `queries`.
+  catalogs under 256 items are searched by brute force. Its recall@k is
+  measured against exact top-k on `queries` (not measured without any).
 
   Returns:
     {"scann_recall@k": ..., "scann_items", "scann_queries",
@@ -265,6 +268,10 @@ def write_scann_index(candidates: np.ndarray, queries: np.ndarray, path: str,
     raise ImportError("--scann needs the scann package: pip install "
                       "'.[scann]'.") from e
   db = np.ascontiguousarray(candidates, np.float32)
+  if queries is None:
+    logging.warning("ScaNN: no held-out queries (--eval_files) to measure the "
+                    "index's recall on; it is built, its recall not measured.")
+    queries = np.zeros((0, db.shape[1]), np.float32)
   queries = np.ascontiguousarray(queries, np.float32)
   n, k = len(db), min(k, len(db))
   t0 = time.time()

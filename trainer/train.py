@@ -337,12 +337,10 @@ def _train_and_evaluate(config, strategy, write_dir: str, export_dir: str,
         "train_loss": progress.last_logs.get("loss"),
         "train_rows_skipped": train_stats.skipped,
     }
-    scann_queries = None
+    queries = None  # Retrieval: the held-out queries' embeddings.
     if eval_files and config.model.kind == "two_tower":
       summary["eval"], queries = _evaluate_retrieval(
           model, config, train_files, eval_files, eval_stats, write_dir)
-      if config.retrieval.scann:
-        scann_queries = queries
     elif eval_files:
       summary["eval"] = _evaluate(model, config, eval_files,
                                   eval_stats, on_tpu,
@@ -359,14 +357,10 @@ def _train_and_evaluate(config, strategy, write_dir: str, export_dir: str,
   if export_dir:
     if config.model.kind == "two_tower" and model._catalog is None:  # pylint: disable=protected-access
       _ensure_catalog(model, config, train_files)
-    if config.retrieval.scann and scann_queries is None:
-      logging.warning("--scann: no held-out rows (--eval_files) to measure the"
-                      " index's recall on; it is built and its recall not "
-                      "measured.")
-      scann_queries = np.zeros((0, config.retrieval.output_dim), np.float32)
     measured = {}
     summary["export_dir"] = export.export_version(
-        model, data, export_dir, scann_queries=scann_queries, info=measured)
+        model, data, export_dir, scann=config.retrieval.scann,
+        scann_queries=queries, info=measured)
     summary.update(measured)
     if config.model.kind == "two_tower":
       summary["embeddings"] = export.export_embedding_history(
