@@ -550,6 +550,17 @@ def _parsed_blocks(data, reader: ShardReader, paths: Sequence[str], width: int,
       yield rows
 
 
+def _permutation(rng: np.random.Generator, n: int, dtype) -> np.ndarray:
+  """rng.permutation(n) as `dtype`: the same draws, natively if built."""
+  perm = np.arange(n, dtype=dtype)
+  if _native is not None:
+    with rng.bit_generator.lock:
+      _native.shuffle(perm, perm.itemsize, rng.bit_generator.capsule)
+  else:
+    rng.shuffle(perm)
+  return perm
+
+
 class _Mixer:
   """Sends rows on in random order through a buffer of `capacity` rows.
 
@@ -588,10 +599,10 @@ class _Mixer:
     out, start = [], take
     while start < n:
       if self._pos == len(self._perm):  # A new turn of the buffer.
-        # rng.permutation's values, shuffled as int32: half the memory.
-        self._perm = np.arange(
-            self.capacity, dtype=np.int32 if self.capacity < 2**31 else np.int64)
-        self._rng.shuffle(self._perm)
+        # rng.permutation's values, as int32: half the memory.
+        self._perm = _permutation(
+            self._rng, self.capacity,
+            np.int32 if self.capacity < 2**31 else np.int64)
         self._pos = 0
         self.turns += 1
       # Within one turn the slots are distinct, so gather-then-scatter is exact.
@@ -617,8 +628,8 @@ class _Mixer:
     """Sends on every row still held, in random order; the stream has ended."""
     if self._buf is None:
       return None
-    order = self._rng.permutation(self._fill)
-    return self._buf[:self._fill][order]
+    order = _permutation(self._rng, self._fill, np.int64)
+    return np.take(self._buf[:self._fill], order)
 
   def distinct_items(self) -> np.ndarray:
     """The distinct items in the buffer, recomputed once per turn."""

@@ -133,6 +133,22 @@ class NativeParserTest(tf.test.TestCase):
     for a, b in zip(outs["native"], outs["numpy"]):
       np.testing.assert_array_equal(a, b)
 
+  def test_shuffle_is_numpys(self):
+    # The same permutation and the same generator state after it, for the
+    # mixer's int32 turns and drain's int64 permutation, across block ends.
+    for dtype in (np.int32, np.int64):
+      for n in (1, 2, 4096, 4097, 50_000):
+        ours = np.arange(n, dtype=dtype)
+        rng, ref_rng = (np.random.default_rng([7, 0, 1 << 20]) for _ in "ab")
+        with rng.bit_generator.lock:
+          NATIVE.shuffle(ours, ours.itemsize, rng.bit_generator.capsule)
+        theirs = np.arange(n, dtype=dtype)
+        ref_rng.shuffle(theirs)
+        np.testing.assert_array_equal(ours, theirs)
+        self.assertEqual(rng.integers(0, 2**62), ref_rng.integers(0, 2**62))
+        if n > 2:
+          self.assertFalse(np.array_equal(ours, np.arange(n)))
+
   def test_mix_checks_slots(self):
     buf = np.zeros(4, [("a", "<i8"), ("b", "<f4")])
     rows = np.zeros(2, buf.dtype)
