@@ -205,3 +205,20 @@ class EndToEndTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class ThroughputHarnessTest(tf.test.TestCase):
+  """benchmarks.throughput's input measurement, in its own process, of this
+  checkout and of a 'baseline' checkout (here the same one, through the
+  harness path a baseline takes): every row read, both ways."""
+
+  def test_input_measurement_counts_every_row_both_ways(self):
+    from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+    folder = throughput.ensure_log(os.path.join(self.get_temp_dir(), "log"),
+                                   80_000)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(throughput.__file__)))
+    for cwd in (None, repo):
+      result = throughput._child("input_ours", folder, cwd=cwd)
+      self.assertEqual(result["rows"], 80_000)
+      self.assertGreater(result["rows_per_s"], 0)
+      self.assertGreater(result["python_loop_rows_per_s"], 0)
