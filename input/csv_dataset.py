@@ -894,7 +894,7 @@ def make_dataset(data, files: Sequence[str], global_batch_size: int, *,
   if _native is None:
     logging.log_first_n(
         logging.WARNING, "input/_fastcsv.c was not built at install (no C "
-        "compiler?): parsing and mixing with pyarrow and numpy, about 1.5x "
+        "compiler?): parsing and mixing with pyarrow and numpy, 1.6-1.9x "
         "slower. Reinstall with a C compiler present to build it.", 1)
   if training:
     logging.info(
