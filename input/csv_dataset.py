@@ -5,7 +5,8 @@ How one input pipeline turns its shards into batches:
 1. Read: `files_in_flight` files at once, a small block (`block_bytes` of
    gzip) at a time, in a fixed round-robin order. Blocks are inflated by ISA-L
    on a thread pool, and consecutive blocks (~1 MiB of text) parsed by one
-   pyarrow call on the same pool; both release the GIL. A thread of its own
+   call on the same pool (the native parser of _fastcsv.c for plain numeric
+   text, else pyarrow); all of it releases the GIL. A thread of its own
    keeps this going ahead of tf.data. A bad row or a truncated shard is
    reported with the file's name and line.
 2. Mix (training): rows pass through a buffer of `shuffle_buffer_rows` rows.
@@ -46,6 +47,9 @@ try:  # Built at install from _fastcsv.c; optional (see setup.py).
   from input import _fastcsv as _native
 except ImportError:  # pragma: no cover - depends on the install.
   _native = None
+
+# MAX_FIELDS of _fastcsv.c.
+_NATIVE_MAX_FIELDS = 256
 
 _ARROW_TYPES = {"int64": pa.int64(), "float32": pa.float32(),
                 "string": pa.string()}
@@ -180,11 +184,13 @@ class ShardReader:
     self._block_bytes = block_bytes
     self._stats = stats
     self._arrow_types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
-    # The native parser reads numeric columns only.
+    # The native parser reads numeric columns, of rows of at most
+    # _NATIVE_MAX_FIELDS fields.
     self._native_kinds = (
         "".join({"int64": "i", "float32": "f"}[self._types[c]]
                 for c in self._wanted)
-        if all(self._types[c] != "string" for c in self._wanted) else None)
+        if all(self._types[c] != "string" for c in self._wanted)
+        and len(self._columns) <= _NATIVE_MAX_FIELDS else None)
     self._fields = [self._columns.index(c) for c in self._wanted]
 
   @property
@@ -227,8 +233,10 @@ class ShardReader:
     at once.
 
     One parser call over the blocks' text is much cheaper than one per block.
-    If the text holds anything but plain rows (a malformed row, an empty
-    line), each block is parsed on its own instead, exactly as `read` does.
+    Plain numeric text goes to the native parser (the values pyarrow would
+    give); the rest to pyarrow. If the text holds anything but plain rows (a
+    malformed row, an empty line), each block is parsed on its own instead,
+    exactly as `read` does.
 
     Returns:
       The wanted columns of all the blocks' rows, in order, and per block

@@ -115,6 +115,18 @@ class NativeParserTest(tf.test.TestCase):
     ok, _ = native_columns([b"1,2\n"], 2, [0, 1], "if", 2)
     self.assertFalse(ok)
 
+  def test_rows_wider_than_the_native_parser_go_to_pyarrow(self):
+    columns = [f"c{i}" for i in range(300)]
+    reader = csv_dataset.ShardReader(
+        columns, ["int64"] * 300, ["c0", "c299"], ",", False, "error", 1024,
+        csv_dataset.RowStats())
+    text = "".join(",".join(str(1000 * r + c) for c in range(300)) + "\n"
+                   for r in range(3)).encode()
+    cols, rows, skipped = reader.parse_blocks([("wide.csv", text, 0, 3)])
+    self.assertEqual(list(cols[0]), [0, 1000, 2000])
+    self.assertEqual(list(cols[1]), [299, 1299, 2299])
+    self.assertEqual((rows, skipped), ([3], [0]))
+
   def test_mix_equals_take_then_put(self):
     rng = np.random.default_rng(2)
     dtype = [("f0", "<i8"), ("f1", "<i8"), ("f2", "<f4")]
