@@ -33,7 +33,7 @@ class PreemptionTest(tf.test.TestCase):
     synthetic.write_log(data, num_rows=60_000, num_users=500, num_items=200,
                         num_shards=4)
     common = [f"--train_files={data}/train-*", f"--eval_files={data}/eval-*",
-              "--num_bins=20000", "--batch_size=256", "--epochs=10",
+              "--num_bins=20000", "--batch_size=256", "--epochs=30",
               "--steps_per_execution=10", "--checkpoint_every_steps=50"]
     killed = [*common, f"--model_dir={folder}/killed",
               f"--export_dir={folder}/killed_export"]
@@ -50,7 +50,10 @@ class PreemptionTest(tf.test.TestCase):
       while (time.time() < deadline and proc.poll() is None and
              checkpoint_steps(f"{folder}/killed")[-1:] == before[-1:]):
         time.sleep(0.05)
-      time.sleep(rng.uniform(0.0, 1.0))
+      # A random moment within a few hundred steps (0.3 s; steps of 256
+      # take 0.4-1 ms here): five kills fit in the run's ~7,000 steps with
+      # room to spare.
+      time.sleep(rng.uniform(0.0, 0.3))
       if proc.poll() is not None:
         self.fail(f"The run ended before kill {kills + 1}; make it longer.")
       proc.send_signal(signal.SIGKILL)
