@@ -92,7 +92,7 @@ class RunLockTest(tf.test.TestCase):
     synthetic.write_log(data, num_rows=40_000, num_users=300, num_items=100,
                         num_shards=2)
     flags = [f"--train_files={data}/train-*", "--num_bins=5000",
-             "--batch_size=128", "--epochs=30", "--steps_per_execution=4",
+             "--batch_size=128", "--epochs=100", "--steps_per_execution=4",
              "--checkpoint_every_steps=100", f"--model_dir={folder}/m"]
     first = subprocess.Popen([sys.executable, "-m", "trainer.task", *flags],
                              cwd=REPO, stdout=subprocess.DEVNULL,
