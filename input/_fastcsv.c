@@ -234,7 +234,7 @@ done:
 }
 
 /* One exchange loop per record size, so that each copy is a few moves. */
-#define MIX_LOOP(SIZE, INDEX)                                          \
+#define MIX_LOOP(SIZE)                                          \
   for (Py_ssize_t i = 0; i < n; i++) {                                 \
     if (i + 8 < n) __builtin_prefetch(buf + (Py_ssize_t)slots[i + 8] * (SIZE), 1); \
     char *slot = buf + (Py_ssize_t)slots[i] * (SIZE);                  \
@@ -242,17 +242,17 @@ done:
     memcpy(slot, in + i * (SIZE), (SIZE));                             \
   }
 
-#define MIX_SIZES(INDEX)                                                \
+#define MIX_SIZES                                                \
   switch (size) {                                                       \
-    case 12: MIX_LOOP(12, INDEX) break;                                 \
-    case 16: MIX_LOOP(16, INDEX) break;                                 \
-    case 20: MIX_LOOP(20, INDEX) break;                                 \
-    case 24: MIX_LOOP(24, INDEX) break;                                 \
-    case 28: MIX_LOOP(28, INDEX) break;                                 \
-    case 32: MIX_LOOP(32, INDEX) break;                                 \
-    case 36: MIX_LOOP(36, INDEX) break;                                 \
-    case 40: MIX_LOOP(40, INDEX) break;                                 \
-    default: MIX_LOOP(size, INDEX) break;                               \
+    case 12: MIX_LOOP(12) break;                                 \
+    case 16: MIX_LOOP(16) break;                                 \
+    case 20: MIX_LOOP(20) break;                                 \
+    case 24: MIX_LOOP(24) break;                                 \
+    case 28: MIX_LOOP(28) break;                                 \
+    case 32: MIX_LOOP(32) break;                                 \
+    case 36: MIX_LOOP(36) break;                                 \
+    case 40: MIX_LOOP(40) break;                                 \
+    default: MIX_LOOP(size) break;                               \
   }
 
 static PyObject *fastcsv_mix(PyObject *self, PyObject *args) {
@@ -301,10 +301,10 @@ static PyObject *fastcsv_mix(PyObject *self, PyObject *args) {
   Py_BEGIN_ALLOW_THREADS
   if (slot_width == 4) {
     const int32_t *slots = s.buf;
-    MIX_SIZES(int32_t)
+    MIX_SIZES
   } else {
     const int64_t *slots = s.buf;
-    MIX_SIZES(int64_t)
+    MIX_SIZES
   }
   Py_END_ALLOW_THREADS
   result = Py_NewRef(Py_None);
@@ -412,5 +412,10 @@ PyMODINIT_FUNC PyInit__fastcsv(void) {
   skip_class[(unsigned char)'\n'] = 1;
   skip_class[(unsigned char)'\r'] = 2;
   skip_class[(unsigned char)'"'] = 2;
-  return PyModule_Create(&module);
+  PyObject *m = PyModule_Create(&module);
+  if (m && PyModule_AddIntConstant(m, "MAX_FIELDS", MAX_FIELDS)) {
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
 }

@@ -48,9 +48,6 @@ try:  # Built at install from _fastcsv.c; optional (see setup.py).
 except ImportError:  # pragma: no cover - depends on the install.
   _native = None
 
-# MAX_FIELDS of _fastcsv.c.
-_NATIVE_MAX_FIELDS = 256
-
 _ARROW_TYPES = {"int64": pa.int64(), "float32": pa.float32(),
                 "string": pa.string()}
 _TF_TYPES = {"int64": tf.int64, "float32": tf.float32, "string": tf.string}
@@ -185,12 +182,13 @@ class ShardReader:
     self._stats = stats
     self._arrow_types = {c: _ARROW_TYPES[self._types[c]] for c in self._wanted}
     # The native parser reads numeric columns, of rows of at most
-    # _NATIVE_MAX_FIELDS fields.
+    # _native.MAX_FIELDS fields.
     self._native_kinds = (
         "".join({"int64": "i", "float32": "f"}[self._types[c]]
                 for c in self._wanted)
-        if all(self._types[c] != "string" for c in self._wanted)
-        and len(self._columns) <= _NATIVE_MAX_FIELDS else None)
+        if _native is not None
+        and all(self._types[c] != "string" for c in self._wanted)
+        and len(self._columns) <= _native.MAX_FIELDS else None)
     self._fields = [self._columns.index(c) for c in self._wanted]
 
   @property
@@ -217,13 +215,14 @@ class ShardReader:
     """Yields one tuple of column arrays per block of `path`."""
     path = path.decode() if isinstance(path, bytes) else str(path)
     rows = skipped = 0
-    for text, lines_before, _ in self.texts(path):
-      table, bad = self._parse(path, text, lines_before)
-      rows += table.num_rows
+    for block in self.texts(path):
+      # The same parsing as the training stream's (native when plain).
+      cols, (n,), (bad,) = self.parse_blocks([(path, *block)])
+      rows += n
       skipped += bad
       self._stats.update(path, rows, skipped)
-      if table.num_rows:
-        yield tuple(self._to_numpy(table.column(c)) for c in self._wanted)
+      if n:
+        yield cols
     if skipped:
       logging.warning("%s: skipped %d malformed rows.", path, skipped)
 
@@ -244,7 +243,7 @@ class ShardReader:
     """
     texts = [text for _, text, _, _ in blocks]
     lines = [n for _, _, _, n in blocks]
-    if _native is not None and self._native_kinds is not None:
+    if self._native_kinds is not None:
       rows = sum(lines)
       cols = tuple(np.empty(rows, np.int64 if k == "i" else np.float32)
                    for k in self._native_kinds)
