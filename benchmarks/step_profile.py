@@ -40,6 +40,7 @@ GROUPS = {
     "de-duplication (Unique, segment sums)": ("Unique", "UnsortedSegmentSum",
                                               "DynamicStitch"),
     "optimizer scatters and updates": (
+        "RowSparseAdagrad", "RowSparseSgd", "RowSparseLazyAdam",
         "ResourceScatterAdd", "ResourceScatterSub", "ResourceScatterUpdate",
         "ResourceSparseApplyAdagradV2", "ResourceSparseApplyAdagrad", "Rsqrt",
         "Sqrt", "AssignAddVariableOp", "AssignSubVariableOp"),

@@ -76,6 +76,12 @@ class ParameterServerTest(tf.test.TestCase):
     # Same number of steps; each table split over both parameter servers.
     with open(f"{tmp}/single/metrics.json") as f:
       self.assertEqual(ps_metrics["steps"], json.load(f)["steps"])
+    # The tables are updated on the servers, with TensorFlow's ops (the
+    # servers need not have built the fused ones); a single process fuses.
+    self.assertIn("Sparse table updates: TensorFlow's gather/scatter ops",
+                  chief_log)
+    if os.environ.get("CI"):
+      self.assertIn("Sparse table updates: fused row updates", single.stderr)
     self.assertIn("user_id_table: 2 shards on /job:ps/replica:0/task:0, "
                   "/job:ps/replica:0/task:1", chief_log)
     self.assertIn("item_id_table: 2 shards", chief_log)

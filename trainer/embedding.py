@@ -16,6 +16,8 @@ from absl import logging
 from tensorflow.python.distribute import sharded_variable  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
 
+from trainer import row_updates
+
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -100,6 +102,34 @@ class FactorsAndBias:
                      axis=1)
 
 
+def _fused_ops(variable):
+  """The fused row-update ops (trainer/row_updates.cc) if they can update
+  `variable` here: a float32 table on this process's CPU. Under parameter
+  servers the update runs on the servers, which need not have built them."""
+  ops = None
+  if (variable.dtype == tf.float32 and variable.shape.rank == 2 and
+      "GPU" not in variable.device.upper() and not isinstance(
+          tf.distribute.get_strategy(),
+          tf.distribute.experimental.ParameterServerStrategy)):
+    ops = row_updates.ops()
+  how = ("fused row updates (trainer/row_updates.cc)" if ops is not None else
+         "TensorFlow's gather/scatter ops")
+  if how not in _LOGGED:
+    _LOGGED.add(how)
+    logging.info("Sparse table updates: %s.", how)
+  return ops
+
+
+_LOGGED = set()
+
+
+def _summed(grad: tf.IndexedSlices):
+  """(distinct rows, their summed gradients): Keras' de-duplication."""
+  rows, position = tf.unique(grad.indices)
+  return rows, tf.math.unsorted_segment_sum(grad.values, position,
+                                            tf.shape(rows)[0])
+
+
 def _write_rows(variable: tf.Variable, rows: tf.Tensor, values: tf.Tensor):
   """variable[rows] = values, rows distinct: a copy per row.
 
@@ -112,18 +142,31 @@ def _write_rows(variable: tf.Variable, rows: tf.Tensor, values: tf.Tensor):
   variable.scatter_update(tf.IndexedSlices(values, rows))
 
 
-class SparseAdagrad(tf_keras.optimizers.Adagrad):
+class _RowSparse:
+  """Mixin: sparse gradients reach update_step with their duplicate rows.
+
+  The fused ops sum duplicates themselves (in batch order, as Keras'
+  Unique + UnsortedSegmentSum do); without them update_step sums first.
+  """
+
+  def _deduplicate_sparse_grad(self, grads):
+    return grads
+
+
+class SparseAdagrad(_RowSparse, tf_keras.optimizers.Adagrad):
   """Keras Adagrad whose row-sparse update reads and writes each row once.
 
   Keras updates a sparse gradient's rows with five ops (scatter-add into the
   accumulator, gather it back, add epsilon, rsqrt, scatter-add into the
   table), and TensorFlow's fused ResourceSparseApplyAdagrad is slower still on
-  CPU; here the new accumulator and table rows are computed from one gather
-  of each and written back with row copies. The mathematics are Keras':
-  var -= lr * g / sqrt(acc + epsilon) with acc += g^2 (duplicate rows summed
-  first, as Keras does). The accumulator slot holds acc + epsilon from the
-  start (as TensorFlow's fused kernel, which has no epsilon, needs; kept so
-  checkpoints stay interchangeable).
+  CPU. Here one op (RowSparseAdagrad, trainer/row_updates.cc) sums duplicate
+  rows and updates each distinct table and accumulator row in place; without
+  it, the new rows are computed from one gather of each and written back with
+  row copies. The mathematics are Keras': var -= lr * g / sqrt(acc + epsilon)
+  with acc += g^2 (duplicate rows summed first, as Keras does). The
+  accumulator slot holds acc + epsilon from the start (as TensorFlow's fused
+  kernel, which has no epsilon, needs; kept so checkpoints stay
+  interchangeable).
   """
 
   def build(self, var_list):
@@ -139,7 +182,12 @@ class SparseAdagrad(tf_keras.optimizers.Adagrad):
     accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
     lr = tf.cast(self.learning_rate, variable.dtype)
     if isinstance(grad, tf.IndexedSlices):
-      rows, g = grad.indices, grad.values  # Distinct rows (Keras summed them).
+      fused = _fused_ops(variable)
+      if fused is not None:
+        fused.row_sparse_adagrad(variable.handle, accumulator.handle,
+                                 grad.indices, grad.values, lr)
+        return
+      rows, g = _summed(grad)
       acc = tf.gather(accumulator, rows) + tf.square(g)
       _write_rows(accumulator, rows, acc)
       _write_rows(variable, rows,
@@ -149,7 +197,7 @@ class SparseAdagrad(tf_keras.optimizers.Adagrad):
       variable.assign_sub(lr * grad / tf.sqrt(accumulator))
 
 
-class LazyAdam(tf_keras.optimizers.Adam):
+class LazyAdam(_RowSparse, tf_keras.optimizers.Adam):
   """Adam that, for a sparse gradient, updates only the rows it touches.
 
   Keras Adam decays the moments of every row of a table on every step; with
@@ -168,8 +216,13 @@ class LazyAdam(tf_keras.optimizers.Adam):
     key = self._var_key(variable)
     m = self._momentums[self._index_dict[key]]
     v = self._velocities[self._index_dict[key]]
-    # Keras' apply_gradients has summed duplicate rows already.
-    rows, grad = gradient.indices, gradient.values
+    fused = _fused_ops(variable)
+    if fused is not None:
+      fused.row_sparse_lazy_adam(variable.handle, m.handle, v.handle,
+                                 gradient.indices, gradient.values, alpha, b1,
+                                 b2, tf.cast(self.epsilon, dtype))
+      return
+    rows, grad = _summed(gradient)
     m_rows = b1 * tf.gather(m, rows) + (1 - b1) * grad
     v_rows = b2 * tf.gather(v, rows) + (1 - b2) * tf.square(grad)
     _write_rows(m, rows, m_rows)
@@ -178,7 +231,7 @@ class LazyAdam(tf_keras.optimizers.Adam):
                 alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon))
 
 
-class SparseSGD(tf_keras.optimizers.SGD):
+class SparseSGD(_RowSparse, tf_keras.optimizers.SGD):
   """Plain SGD that updates only the rows a sparse gradient touches.
 
   Keras SGD keeps a momentum slot even at momentum 0 and adds it to the whole
@@ -189,15 +242,17 @@ class SparseSGD(tf_keras.optimizers.SGD):
     tf_keras.optimizers.Optimizer.build(self, var_list)  # No momentum slots.
     self._built = True
 
-  def _deduplicate_sparse_grad(self, grads):
-    # A scatter-subtract adds up duplicate rows' updates by itself: exact
-    # without Keras' Unique + segment sum (which costs about as much as the
-    # row copies of _write_rows would save; measured side by side).
-    return grads
-
   def update_step(self, gradient, variable):
     lr = tf.cast(self.learning_rate, variable.dtype)
     if isinstance(gradient, tf.IndexedSlices):
+      fused = _fused_ops(variable)
+      if fused is not None:
+        fused.row_sparse_sgd(variable.handle, gradient.indices,
+                             gradient.values, lr)
+        return
+      # Without the fused op, a scatter-subtract adds up duplicate rows'
+      # updates by itself: exact without a de-duplication first (which costs
+      # about as much as the row copies of _write_rows would save).
       variable.scatter_sub(tf.IndexedSlices(gradient.values * lr,
                                             gradient.indices))
     else:
