@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean
 
-$(STAMP): setup.py input/_fastcsv.c trainer/row_updates.cc
+$(STAMP): setup.py input/_fastcsv.c trainer/kernels.cc
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The fused row updates, compiled against the installed TensorFlow
 	# (optional: without a C++ compiler, training uses TensorFlow's ops).
-	-TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m trainer.row_updates
+	-TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m trainer.kernels
 	touch $(STAMP)
 
 demo: $(STAMP)

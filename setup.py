@@ -14,9 +14,9 @@ setuptools.setup(
     # The input pipeline's native inner loops (parsing, mixing). Optional: if
     # no C compiler is at hand the install goes on and the pipeline uses
     # pyarrow and numpy for the same work, more slowly.
-    # The fused row-sparse optimizer updates: C++ compiled against the
-    # installed TensorFlow on first use (trainer/row_updates.py).
-    package_data={"trainer": ["row_updates.cc"]},
+    # Fused CPU kernels (row-sparse table updates, the MF score): C++ compiled against the
+    # installed TensorFlow on first use (trainer/kernels.py).
+    package_data={"trainer": ["kernels.cc"]},
     ext_modules=[
         setuptools.Extension("input._fastcsv", ["input/_fastcsv.c"],
                              extra_compile_args=["-O3"], optional=True),

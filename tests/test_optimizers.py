@@ -1,9 +1,10 @@
 """Each table optimizer against its update computed by hand, duplicate rows included.
 
 The row-sparse optimizers run in two ways: with the fused ops of
-trainer/row_updates.cc (built for the installed TensorFlow) and with
-TensorFlow's own ops; both are checked against numpy, and against each other
-on a large batch. Under CI the fused ops must have been built.
+trainer/kernels.cc (built for the installed TensorFlow) and with
+TensorFlow's own ops; both are checked against numpy here (and against each
+other on large batches in test_kernels.py). Under CI the fused ops must have
+been built.
 """
 
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import embedding
-from trainer import row_updates
+from trainer import kernels
 
 LR = 0.1
 
@@ -53,13 +54,13 @@ def _by_hand(name, start, epsilon=1e-7):
   return var
 
 
-def _fused(on: bool):
+def fused_kernels(on: bool):
   """Context: the optimizers with (on) or without the fused row updates."""
   if on:
-    if row_updates.ops() is None:
+    if kernels.ops() is None:
       raise AssertionError("the fused row updates were not built")
     return mock.patch.object(embedding, "_fused_ops", embedding._fused_ops)  # pylint: disable=protected-access
-  return mock.patch.object(row_updates, "ops", lambda: None)
+  return mock.patch.object(kernels, "ops", lambda: None)
 
 
 def _op_types(fn, *args):
@@ -71,7 +72,7 @@ class OptimizerMathTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.product(name=("adagrad", "sgd", "lazy_adam", "adam"),
                          fused=(True, False), index_dtype=(tf.int64, tf.int32))
   def test_two_steps_with_duplicate_rows(self, name, fused, index_dtype):
-    if fused and row_updates.ops() is None and not os.environ.get("CI"):
+    if fused and kernels.ops() is None and not os.environ.get("CI"):
       self.skipTest("fused row updates not built (no C++ compiler)")
     start = np.arange(8, dtype=np.float64).reshape(4, 2) / 10
     var = tf.Variable(start.astype(np.float32))
@@ -82,7 +83,7 @@ class OptimizerMathTest(tf.test.TestCase, parameterized.TestCase):
       opt.apply_gradients([(tf.IndexedSlices(
           values, indices, tf.constant([4, 2], tf.int64)), var)])
 
-    with _fused(fused):
+    with fused_kernels(fused):
       for indices, values in _steps():
         args = (tf.constant(indices, index_dtype),
                 tf.constant(values, tf.float32))
@@ -107,71 +108,6 @@ class OptimizerMathTest(tf.test.TestCase, parameterized.TestCase):
           tf.constant([4, 2], tf.int64)), var)])
     self.assertAllClose(var.numpy(), _by_hand("adagrad", start, 0.5),
                         rtol=1e-5, atol=1e-6)
-
-
-class FusedRowUpdatesTest(tf.test.TestCase, parameterized.TestCase):
-  """The fused ops against TensorFlow's ops, on a batch the size of training's."""
-
-  def setUp(self):
-    super().setUp()
-    if row_updates.ops() is None and not os.environ.get("CI"):
-      self.skipTest("fused row updates not built (no C++ compiler)")
-
-  def _run(self, name, fused, steps, rows=5000, dim=33):
-    rng = np.random.default_rng(3)
-    var = tf.Variable(rng.standard_normal((rows, dim)).astype(np.float32))
-    opt = embedding.make_optimizer(name, 0.05, initial_accumulator=1e-6)
-
-    @tf.function
-    def apply(indices, values):
-      opt.apply_gradients([(tf.IndexedSlices(values, indices), var)])
-
-    with _fused(fused):
-      for indices, values in steps:
-        apply(tf.constant(indices), tf.constant(values))
-    return var.numpy()
-
-  @parameterized.parameters("adagrad", "sgd", "lazy_adam")
-  def test_same_tables_as_tensorflows_ops(self, name):
-    rng = np.random.default_rng(0)
-    # 4,096 rows per step over 5,000 rows, Zipf-like: most rows repeat, some
-    # dozens of times, and each step touches rows the earlier ones did.
-    steps = [((rng.zipf(1.3, 4096) - 1) % 5000,
-              rng.standard_normal((4096, 33)).astype(np.float32) / 10)
-             for _ in range(5)]
-    fused, ops = self._run(name, True, steps), self._run(name, False, steps)
-    self.assertGreater(np.abs(fused - self._run(name, True, steps[:0])).max(),
-                       1e-3)  # The steps changed the table.
-    self.assertAllClose(fused, ops, rtol=1e-5, atol=1e-5)
-
-  def test_index_outside_the_table_fails_and_writes_nothing(self):
-    var = tf.Variable(tf.ones([4, 2]))
-    acc = tf.Variable(tf.ones([4, 2]))
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "Index 4 at position 2 is outside"):
-      row_updates.ops().row_sparse_adagrad(
-          var.handle, acc.handle, tf.constant([0, 1, 4]), tf.ones([3, 2]),
-          tf.constant(0.1))
-    self.assertAllEqual(var.numpy(), np.ones([4, 2]))
-    self.assertAllEqual(acc.numpy(), np.ones([4, 2]))
-
-  def test_wrong_gradient_shape_fails(self):
-    var = tf.Variable(tf.ones([4, 2]))
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                r"grad must be \[3, 2\]"):
-      row_updates.ops().row_sparse_sgd(var.handle, tf.constant([0, 1, 2]),
-                                       tf.ones([3, 3]), tf.constant(0.1))
-
-  def test_a_value_read_before_the_update_keeps_its_rows(self):
-    var = tf.Variable(tf.ones([4, 2]))
-    before = var.read_value()
-    row_updates.ops().row_sparse_sgd(var.handle, tf.constant([1, 1]),
-                                     tf.ones([2, 2]), tf.constant(0.5))
-    self.assertAllEqual(before.numpy(), np.ones([4, 2]))
-    self.assertAllEqual(var.numpy()[1], [0.0, 0.0])  # 1 - 0.5 * (1 + 1).
-    row_updates.ops().row_sparse_sgd(var.handle, tf.zeros([0], tf.int32),
-                                     tf.zeros([0, 2]), tf.constant(0.5))
-    self.assertAllEqual(var.numpy()[0], [1.0, 1.0])
 
 
 if __name__ == "__main__":

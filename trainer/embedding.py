@@ -16,7 +16,7 @@ from absl import logging
 from tensorflow.python.distribute import sharded_variable  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
 
-from trainer import row_updates
+from trainer import kernels
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -103,16 +103,13 @@ class FactorsAndBias:
 
 
 def _fused_ops(variable):
-  """The fused row-update ops (trainer/row_updates.cc) if they can update
-  `variable` here: a float32 table on this process's CPU. Under parameter
-  servers the update runs on the servers, which need not have built them."""
+  """The fused row-update ops (trainer/kernels.cc) if they can update
+  `variable` here: a float32 table on this process's CPU."""
   ops = None
   if (variable.dtype == tf.float32 and variable.shape.rank == 2 and
-      "GPU" not in variable.device.upper() and not isinstance(
-          tf.distribute.get_strategy(),
-          tf.distribute.experimental.ParameterServerStrategy)):
-    ops = row_updates.ops()
-  how = ("fused row updates (trainer/row_updates.cc)" if ops is not None else
+      "GPU" not in variable.device.upper() and kernels.usable_here()):
+    ops = kernels.ops()
+  how = ("fused row updates (trainer/kernels.cc)" if ops is not None else
          "TensorFlow's gather/scatter ops")
   if how not in _LOGGED:
     _LOGGED.add(how)
@@ -159,7 +156,7 @@ class SparseAdagrad(_RowSparse, tf_keras.optimizers.Adagrad):
   Keras updates a sparse gradient's rows with five ops (scatter-add into the
   accumulator, gather it back, add epsilon, rsqrt, scatter-add into the
   table), and TensorFlow's fused ResourceSparseApplyAdagrad is slower still on
-  CPU. Here one op (RowSparseAdagrad, trainer/row_updates.cc) sums duplicate
+  CPU. Here one op (RowSparseAdagrad, trainer/kernels.cc) sums duplicate
   rows and updates each distinct table and accumulator row in place; without
   it, the new rows are computed from one gather of each and written back with
   row copies. The mathematics are Keras': var -= lr * g / sqrt(acc + epsilon)

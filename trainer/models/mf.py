@@ -7,6 +7,7 @@ import tensorflow_recommenders as tfrs
 import tf_keras
 
 from trainer import embedding
+from trainer import kernels
 
 
 class SigmoidMean(tf_keras.metrics.Mean):
@@ -63,6 +64,7 @@ class MatrixFactorization(tfrs.models.Model):
     self.global_bias = self.add_weight(
         name="global_bias", shape=(), initializer="zeros", trainable=True)
     self._config = config
+    self._on_tpu = on_tpu
     self.task = _ranking_task()
 
   def get_config(self):
@@ -83,14 +85,19 @@ class MatrixFactorization(tfrs.models.Model):
     return tf.add_n([tf.gather(table, rows)
                      for rows in self.lookups[feature](ids)])
 
-  def score_logits(self, emb: Dict[str, tf.Tensor]) -> tf.Tensor:
+  def score_logits(self, emb: Dict[str, tf.Tensor],
+                   fused: bool = False) -> tf.Tensor:
     """<u[:-1], v[:-1]> + u[-1] + v[-1] + global bias, per row: [B].
 
-    Written with a mask over the slots instead of slices: the gradient of a
-    slice is a zero-filled copy of the batch's rows, which cost more than the
-    dot product itself (benchmarks/step_profile.py).
+    With `fused`, one CPU kernel computes it (and one its gradient;
+    trainer/kernels.cc), for training; exports and evaluation use the
+    TensorFlow ops below. Those are written with a mask over the slots
+    instead of slices: the gradient of a slice is a zero-filled copy of the
+    batch's rows, which cost more than the dot product itself.
     """
     u, v = emb[self.user_feature], emb[self.item_feature]
+    if fused:
+      return kernels.biased_dot(u, v) + self.global_bias
     bias_slot = tf.one_hot(tf.shape(u)[1] - 1, tf.shape(u)[1], dtype=u.dtype)
     # u . (v on the factors, 1 on the bias slot) + v's bias slot.
     return (tf.reduce_sum(u * (v * (1.0 - bias_slot) + bias_slot) +
@@ -104,7 +111,8 @@ class MatrixFactorization(tfrs.models.Model):
                    training: bool = False) -> tf.Tensor:
     features, labels = inputs
     emb = self.embed(features)
-    logits = self.score_logits(emb)
+    logits = self.score_logits(
+        emb, fused=training and not self._on_tpu and kernels.usable_here())
     # Keras losses average over the last axis: [B, 1] keeps one loss per row.
     per_example = self.task(labels[:, None], logits[:, None],
                             training=training, compute_metrics=not training)

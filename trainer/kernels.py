@@ -1,16 +1,23 @@
-"""Fused row-sparse optimizer updates (row_updates.cc), built for the installed TF.
+"""Fused CPU kernels (kernels.cc), built for the installed TensorFlow.
+
+Row-sparse table updates (RowSparseSgd, RowSparseAdagrad, RowSparseLazyAdam,
+used by the optimizers of trainer/embedding.py) and matrix factorization's
+score with its gradient (`biased_dot`, used by trainer/models/mf.py in
+training). They are training-time only: exports and evaluation use
+TensorFlow's ops, so a SavedModel never needs this library.
 
 The ops must be compiled against the TensorFlow they run in, so they are
-built on first use (about 10 s; `make` builds them at set-up with
-`python -m trainer.row_updates`) into the package's folder, or
+built on first use (about 12 s; `make` builds them at set-up with
+`python -m trainer.kernels`) into the package's folder, or
 `$XDG_CACHE_HOME/cf-trainer` if that is not writable, under a name keyed by
 the source and the TensorFlow version. Without a C++ compiler (or with
-CF_TRAINER_NATIVE_UPDATES=0) `ops()` returns None, once says why, and the
-optimizers in trainer/embedding.py update rows with TensorFlow's own ops:
-the same mathematics, about 3x slower per table update.
+CF_TRAINER_FUSED_KERNELS=0) `ops()` returns None, once says why, and training
+uses TensorFlow's ops for the same mathematics, more slowly.
 """
 
+import contextlib
 import functools
+import glob
 import hashlib
 import os
 import shutil
@@ -22,7 +29,7 @@ from absl import logging
 import tensorflow as tf
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                       "row_updates.cc")
+                       "kernels.cc")
 _FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno",
           "-Wno-deprecated-declarations"]
 
@@ -31,7 +38,7 @@ def _library_path(directory: str) -> str:
   with open(_SOURCE, "rb") as f:
     key = hashlib.sha1(f.read() + tf.__version__.encode() +
                        " ".join(_FLAGS).encode()).hexdigest()[:12]
-  return os.path.join(directory, f"_row_updates-{key}.so")
+  return os.path.join(directory, f"_kernels-{key}.so")
 
 
 def _directories():
@@ -62,28 +69,56 @@ def build() -> str:
       continue
     cmd = [compiler, *_FLAGS, *tf.sysconfig.get_compile_flags(), _SOURCE,
            "-o", tmp, *tf.sysconfig.get_link_flags()]
-    logging.info("Building the fused row updates: %s", " ".join(cmd))
+    logging.info("Building the fused kernels: %s", " ".join(cmd))
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
       os.unlink(tmp)
       raise RuntimeError(f"compiling {_SOURCE} failed:\n{out.stderr[-2000:]}")
     path = _library_path(directory)
     os.replace(tmp, path)
+    for old in glob.glob(os.path.join(directory, "_kernels-*.so")):
+      if old != path:  # Built from an earlier source or for another TF.
+        with contextlib.suppress(OSError):
+          os.unlink(old)
     return path
   raise RuntimeError("no writable folder for the library: " + "; ".join(errors))
 
 
 @functools.lru_cache(maxsize=None)
 def ops():
-  """The loaded op module (row_sparse_sgd, _adagrad, _lazy_adam) or None."""
-  if os.environ.get("CF_TRAINER_NATIVE_UPDATES", "1") == "0":
+  """The loaded op module, or None where the kernels cannot be built."""
+  if os.environ.get("CF_TRAINER_FUSED_KERNELS", "1") == "0":
     return None
   try:
-    return tf.load_op_library(build())
+    module = tf.load_op_library(build())
   except (RuntimeError, OSError, tf.errors.NotFoundError) as e:
-    logging.warning("Fused row updates unavailable (%s); using TensorFlow's "
-                    "ops for the same updates, more slowly.", e)
+    logging.warning("Fused kernels unavailable (%s); training uses "
+                    "TensorFlow's ops for the same mathematics, more slowly.",
+                    e)
     return None
+
+  @tf.RegisterGradient("BiasedDot")
+  def _biased_dot_grad(op, grad):
+    return module.biased_dot_grad(op.inputs[0], op.inputs[1], grad)
+
+  return module
+
+
+def usable_here() -> bool:
+  """Whether this process runs the ops it traces on its own CPU, with the
+  kernels built: not under parameter servers (the servers and workers need
+  not have built them) nor on GPUs or TPUs."""
+  if isinstance(tf.distribute.get_strategy(),
+                (tf.distribute.experimental.ParameterServerStrategy,
+                 tf.distribute.TPUStrategy)) or tf.config.list_logical_devices(
+                     "GPU"):
+    return False
+  return ops() is not None
+
+
+def biased_dot(u: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+  """<u[:, :-1], v[:, :-1]> + u[:, -1] + v[:, -1] per row: [B] (BiasedDot)."""
+  return ops().biased_dot(u, v)
 
 
 if __name__ == "__main__":

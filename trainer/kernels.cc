@@ -1,4 +1,7 @@
-// Row-sparse optimizer updates of embedding tables on the CPU, one op each.
+// Fused CPU kernels of the trainer: row-sparse optimizer updates of embedding
+// tables, and matrix factorization's score with its gradient.
+//
+// Row-sparse updates, one op each.
 //
 // A sparse gradient arrives as (indices [n], grad [n, d]) with duplicate rows.
 // TensorFlow's CPU path takes many ops per table (Unique, UnsortedSegmentSum,
@@ -231,6 +234,113 @@ REGISTER_OP("RowSparseLazyAdam")
     .Attr("Tindices: {int32, int64}")
     .SetIsStateful()
     .SetShapeFn(NoOutputs);
+
+// Matrix factorization's score, <u[:-1], v[:-1]> + u[-1] + v[-1] per row (the
+// last slot of a row is its bias), and its gradient. TensorFlow needs about
+// ten [B, d] ops for the two (the product, the bias mask, the sum, the
+// broadcasts of the backward pass): 0.45-0.53 ms per batch of 4096 x 33;
+// these make one pass each.
+REGISTER_OP("BiasedDot")
+    .Input("u: float")
+    .Input("v: float")
+    .Output("score: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle u, v;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &u));
+      TF_RETURN_IF_ERROR(c->Merge(u, c->input(1), &v));
+      c->set_output(0, c->Vector(c->Dim(v, 0)));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("BiasedDotGrad")
+    .Input("u: float")
+    .Input("v: float")
+    .Input("grad: float")
+    .Output("grad_u: float")
+    .Output("grad_v: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      return absl::OkStatus();
+    });
+
+absl::Status CheckDotInputs(const Tensor& u, const Tensor& v) {
+  if (u.dims() != 2 || u.shape() != v.shape() || u.dim_size(1) < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "u and v must be matrices of one shape with a bias slot; are ",
+        u.shape().DebugString(), " and ", v.shape().DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+class BiasedDotOp : public OpKernel {
+ public:
+  explicit BiasedDotOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& u = ctx->input(0);
+    const Tensor& v = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckDotInputs(u, v));
+    const int64_t n = u.dim_size(0), d = u.dim_size(1);
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out));
+    const float* a = u.flat<float>().data();
+    const float* b = v.flat<float>().data();
+    float* o = out->flat<float>().data();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* x = a + i * d;
+      const float* y = b + i * d;
+      // Eight partial sums (a sequential sum would wait on each addition).
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 8 <= d - 1; k += 8) {
+        for (int j = 0; j < 8; ++j) part[j] += x[k + j] * y[k + j];
+      }
+      float s = ((part[0] + part[4]) + (part[1] + part[5])) +
+                ((part[2] + part[6]) + (part[3] + part[7]));
+      for (; k < d - 1; ++k) s += x[k] * y[k];
+      o[i] = s + x[d - 1] + y[d - 1];
+    }
+  }
+};
+
+class BiasedDotGradOp : public OpKernel {
+ public:
+  explicit BiasedDotGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& u = ctx->input(0);
+    const Tensor& v = ctx->input(1);
+    const Tensor& g = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckDotInputs(u, v));
+    const int64_t n = u.dim_size(0), d = u.dim_size(1);
+    OP_REQUIRES(ctx, g.dims() == 1 && g.dim_size(0) == n,
+                absl::InvalidArgumentError("grad must be [rows of u]."));
+    Tensor *gu, *gv;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, u.shape(), &gu));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, v.shape(), &gv));
+    const float* a = u.flat<float>().data();
+    const float* b = v.flat<float>().data();
+    const float* gs = g.flat<float>().data();
+    float* da = gu->flat<float>().data();
+    float* db = gv->flat<float>().data();
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = gs[i];
+      const float* x = a + i * d;
+      const float* y = b + i * d;
+      float* dx = da + i * d;
+      float* dy = db + i * d;
+      for (int64_t k = 0; k + 1 < d; ++k) {
+        dx[k] = gi * y[k];
+        dy[k] = gi * x[k];
+      }
+      dx[d - 1] = gi;
+      dy[d - 1] = gi;
+    }
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("BiasedDot").Device(DEVICE_CPU), BiasedDotOp);
+REGISTER_KERNEL_BUILDER(Name("BiasedDotGrad").Device(DEVICE_CPU),
+                        BiasedDotGradOp);
 
 REGISTER_ROW_OP("RowSparseSgd", Sgd)
 REGISTER_ROW_OP("RowSparseAdagrad", Adagrad)
