@@ -36,7 +36,7 @@ _INTER = flags.DEFINE_integer("inter_op_threads", 0,
                               "Ops at once (0: TensorFlow's choice).")
 
 GROUPS = {
-    "lookup (gathers)": ("ResourceGather", "GatherV2"),
+    "lookup (gathers)": ("ResourceGather", "GatherV2", "RowGather"),
     "de-duplication (Unique, segment sums)": ("Unique", "UnsortedSegmentSum",
                                               "DynamicStitch"),
     "optimizer scatters and updates": (

@@ -139,10 +139,53 @@ class BiasedDotTest(tf.test.TestCase, parameterized.TestCase):
     serve = tf.function(model.call).get_concrete_function(ids)
     train_ops = {op.type for op in train.graph.get_operations()}
     serve_ops = {op.type for op in serve.graph.get_operations()}
+    self.assertIn("RowGather", train_ops)
     self.assertIn("BiasedDot", train_ops)
     self.assertIn("RowSparseAdagrad", train_ops)
     # Exports never need the library.
-    self.assertFalse({"BiasedDot", "RowSparseAdagrad"} & serve_ops)
+    self.assertFalse({"RowGather", "BiasedDot", "RowSparseAdagrad"} &
+                     serve_ops)
+
+  @parameterized.parameters(tf.int32, tf.int64)
+  def test_gather_and_its_gradient_match_tf_gather(self, index_dtype):
+    rng = np.random.default_rng(1)
+    table = tf.Variable(rng.standard_normal((1000, 33)), dtype=tf.float32)
+    rows = tf.constant((rng.zipf(1.3, 4096) - 1) % 1000, index_dtype)
+    weights = tf.constant(rng.standard_normal((4096, 33)), tf.float32)
+    results = []
+    for fn in (kernels.gather, tf.gather):
+      with tf.GradientTape() as tape:
+        got = fn(table, rows)
+        total = tf.reduce_sum(weights * got)
+      grad = tape.gradient(total, table)
+      results.append((got, tf.convert_to_tensor(grad)))
+    self.assertAllEqual(results[0][0], results[1][0])
+    self.assertAllClose(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "Index 1000 at position 1 is outside"):
+      kernels.gather(table, tf.constant([3, 1000], index_dtype))
+
+  def test_mf_training_matches_tensorflows_ops(self):
+    rng = np.random.default_rng(2)
+    batches = [({"user_id": tf.constant(rng.integers(0, 300, 512)),
+                 "item_id": tf.constant(rng.zipf(1.3, 512) % 200)},
+                tf.constant((rng.random(512) < 0.3).astype(np.float32)))
+               for _ in range(6)]
+    tables, losses = [], []
+    for on in (True, False):
+      model = self._model(16)
+      model.compile(optimizer=embedding.make_optimizer("adagrad", 0.1))
+      step = tf.function(model.train_step)
+      with fused_kernels(on):
+        losses.append([float(step(b)["loss"]) for b in batches])
+        ops = {op.type for op in step.get_concrete_function(
+            batches[0]).graph.get_operations()}
+      self.assertEqual("RowGather" in ops, on)
+      tables.append({f: t.numpy() for f, t in model.embedding.tables().items()})
+    self.assertAllClose(losses[0], losses[1], rtol=1e-5)
+    self.assertGreater(losses[0][0] - losses[0][-1], 0.01)  # It learns.
+    for f in tables[0]:
+      self.assertAllClose(tables[0][f], tables[1][f], rtol=1e-5, atol=1e-6)
 
   def test_mismatched_shapes_fail(self):
     with self.assertRaisesRegex((tf.errors.InvalidArgumentError, ValueError),

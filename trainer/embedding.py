@@ -385,14 +385,28 @@ class EmbeddingTables(tf_keras.layers.Layer):
         total_steps) for t in tables}
 
   def call(self, rows: Dict[str, List[tf.Tensor]],
-           weights: Dict[str, tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+           weights: Dict[str, tf.Tensor] = None,
+           fused: bool = False) -> Dict[str, tf.Tensor]:
     """Looks up `{feature: [int32 rows [B]] * num_hashes}` -> `{feature: [B, d+1]}`.
 
     A feature's rows from several hashes are summed. A shared lookup's rows
     may be ragged [B, None], with `weights[feature]` of the same shape: its
     output is the weighted sum of the rows of each example.
+
+    With `fused` (training on a CPU), plain rows [B] of plain (not
+    distributed) table variables are read with the fused gather of
+    trainer/kernels.cc, the same rows as TPUEmbedding's lookup; anything else
+    goes through TPUEmbedding.
     """
     weights = weights or {}
+    if fused and not weights and kernels.usable_here():
+      tables = self.tables()
+      if all(type(tables[self._table_of[f]]) is  # pylint: disable=unidiomatic-typecheck
+             resource_variable_ops.ResourceVariable and
+             all(isinstance(r, tf.Tensor) and r.shape.rank == 1 for r in rs)
+             for f, rs in rows.items()):
+        return {f: tf.add_n([kernels.gather(tables[self._table_of[f]], r)
+                             for r in rs]) for f, rs in rows.items()}
     names = {_lookup_name(f, k): (f, k) for f in self._features
              if f in rows for k in range(self._num_hashes[f])}
     if len(names) < len(self._tpu_embedding._feature_config):  # pylint: disable=protected-access

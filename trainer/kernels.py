@@ -27,6 +27,7 @@ import tempfile
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "kernels.cc")
@@ -101,6 +102,14 @@ def ops():
   def _biased_dot_grad(op, grad):
     return module.biased_dot_grad(op.inputs[0], op.inputs[1], grad)
 
+  @tf.RegisterGradient("RowGather")
+  def _row_gather_grad(op, grad):
+    # As ResourceGather's: the batch's rows of the table, duplicates and all.
+    handle, indices = op.inputs
+    return (tf.IndexedSlices(grad, indices,
+                             resource_variable_ops.variable_shape(handle)),
+            None)
+
   return module
 
 
@@ -114,6 +123,13 @@ def usable_here() -> bool:
                      "GPU"):
     return False
   return ops() is not None
+
+
+def gather(table: tf.Variable, rows: tf.Tensor) -> tf.Tensor:
+  """table[rows] for a plain variable and rows [B] (RowGather), differentiable
+  with respect to the table as tf.gather is (IndexedSlices)."""
+  resource_variable_ops.variable_accessed(table)  # So that tapes watch it.
+  return ops().row_gather(table.handle, rows)
 
 
 def biased_dot(u: tf.Tensor, v: tf.Tensor) -> tf.Tensor:

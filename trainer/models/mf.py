@@ -70,10 +70,12 @@ class MatrixFactorization(tfrs.models.Model):
   def get_config(self):
     return {"config": self._config.to_dict()}
 
-  def embed(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-    """Raw IDs `{feature: [B]}` -> rows with bias slot `{feature: [B, d+1]}`."""
+  def embed(self, features: Dict[str, tf.Tensor],
+            fused: bool = False) -> Dict[str, tf.Tensor]:
+    """Raw IDs `{feature: [B]}` -> rows with bias slot `{feature: [B, d+1]}`
+    (`fused`: with the fused CPU gather, in training)."""
     rows = {f: lookup(features[f]) for f, lookup in self.lookups.items()}
-    return self.embedding(rows)
+    return self.embedding(rows, fused=fused)
 
   def vectors(self, feature: str, ids: tf.Tensor) -> tf.Tensor:
     """Rows of one feature for raw IDs: [N, dim + 1], last column the bias.
@@ -110,9 +112,11 @@ class MatrixFactorization(tfrs.models.Model):
   def compute_loss(self, inputs: Tuple[Dict[str, tf.Tensor], tf.Tensor],
                    training: bool = False) -> tf.Tensor:
     features, labels = inputs
-    emb = self.embed(features)
-    logits = self.score_logits(
-        emb, fused=training and not self._on_tpu and kernels.usable_here())
+    # In training on a CPU the lookup, the score and their gradients run as
+    # fused kernels (trainer/kernels.cc); exports and evaluation never do.
+    fused = training and not self._on_tpu and kernels.usable_here()
+    emb = self.embed(features, fused=fused)
+    logits = self.score_logits(emb, fused=fused)
     # Keras losses average over the last axis: [B, 1] keeps one loss per row.
     per_example = self.task(labels[:, None], logits[:, None],
                             training=training, compute_metrics=not training)
