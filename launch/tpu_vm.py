@@ -114,7 +114,7 @@ def steps(request: TpuRequest, sdist_path: str) -> List[Step]:
       # TPU VM images ship Python 3.10; the package needs 3.11.
       "sudo apt-get update -qq",
       "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-      "python3.11 python3.11-venv",
+      "python3.11 python3.11-venv python3.11-dev g++",
       f"python3.11 -m venv {VENV}",
       f"{pip} --upgrade pip",
       f"{pip} ~/{sdist}",

@@ -166,10 +166,22 @@ def _container(request: JobRequest, sdist_name: str, kind: str):
   pip = "python -m pip install --quiet --no-cache-dir"
   # install_requires pins tensorflow==2.20.0; GPUs also need its CUDA wheels,
   # TPUs its TPU build and libtpu.
-  steps = [f"{pip} {shlex.quote(package)}" + (
-      f" {shlex.quote(packaging.GPU_TENSORFLOW)}" if kind == "gpu" else "")]
+  steps = []
+  if not request.container_image:
+    # The slim image has no compiler: g++ (and gcc) build the input's native
+    # loops at install and the training step's fused CPU kernels. Both are
+    # optional, so a job that cannot reach Debian's mirrors goes on without.
+    steps.append("(apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                 "apt-get install -y -qq --no-install-recommends g++ "
+                 ">/dev/null || echo 'No C++ compiler: the trainer runs "
+                 "without its native parts.')")
+  steps.append(f"{pip} {shlex.quote(package)}" + (
+      f" {shlex.quote(packaging.GPU_TENSORFLOW)}" if kind == "gpu" else ""))
   if kind == "tpu":
     steps.append(f"{pip} {packaging.TPU_TENSORFLOW} -f {packaging.LIBTPU_INDEX}")
+  if kind == "cpu":
+    # Compiled once here rather than by the trainer's first step (optional).
+    steps.append("(python -m trainer.kernels || true)")
   steps.append('exec python -m trainer.task "$@"')
   # sh -c SCRIPT NAME ARGS...: the job's args become "$@".
   return types.ContainerSpec(
