@@ -1,7 +1,8 @@
 """Fused CPU kernels (kernels.cc), built for the installed TensorFlow.
 
 Row-sparse table updates (RowSparseSgd, RowSparseAdagrad, RowSparseLazyAdam,
-used by the optimizers of trainer/embedding.py) and matrix factorization's
+used by the optimizers of trainer/embedding.py), the lookup of table rows
+(`gather`, used by EmbeddingTables in training) and matrix factorization's
 score with its gradient (`biased_dot`, used by trainer/models/mf.py in
 training). They are training-time only: exports and evaluation use
 TensorFlow's ops, so a SavedModel never needs this library.
