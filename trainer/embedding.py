@@ -107,7 +107,7 @@ def _fused_ops(variable):
   `variable` here: a float32 table on this process's CPU."""
   ops = None
   if (variable.dtype == tf.float32 and variable.shape.rank == 2 and
-      "GPU" not in variable.device.upper() and kernels.usable_here()):
+      kernels.usable_here()):  # Not where GPUs are: no variable is on one.
     ops = kernels.ops()
   how = ("fused row updates (trainer/kernels.cc)" if ops is not None else
          "TensorFlow's gather/scatter ops")
@@ -118,13 +118,6 @@ def _fused_ops(variable):
 
 
 _LOGGED = set()
-
-
-def _summed(grad: tf.IndexedSlices):
-  """(distinct rows, their summed gradients): Keras' de-duplication."""
-  rows, position = tf.unique(grad.indices)
-  return rows, tf.math.unsorted_segment_sum(grad.values, position,
-                                            tf.shape(rows)[0])
 
 
 def _write_rows(variable: tf.Variable, rows: tf.Tensor, values: tf.Tensor):
@@ -148,6 +141,11 @@ class _RowSparse:
 
   def _deduplicate_sparse_grad(self, grads):
     return grads
+
+  def _summed(self, grad: tf.IndexedSlices):
+    """(distinct rows, their summed gradients), by Keras' de-duplication."""
+    summed = super()._deduplicate_sparse_grad([grad])[0]
+    return summed.indices, summed.values
 
 
 class SparseAdagrad(_RowSparse, tf_keras.optimizers.Adagrad):
@@ -184,7 +182,7 @@ class SparseAdagrad(_RowSparse, tf_keras.optimizers.Adagrad):
         fused.row_sparse_adagrad(variable.handle, accumulator.handle,
                                  grad.indices, grad.values, lr)
         return
-      rows, g = _summed(grad)
+      rows, g = self._summed(grad)
       acc = tf.gather(accumulator, rows) + tf.square(g)
       _write_rows(accumulator, rows, acc)
       _write_rows(variable, rows,
@@ -219,7 +217,7 @@ class LazyAdam(_RowSparse, tf_keras.optimizers.Adam):
                                  gradient.indices, gradient.values, alpha, b1,
                                  b2, tf.cast(self.epsilon, dtype))
       return
-    rows, grad = _summed(gradient)
+    rows, grad = self._summed(gradient)
     m_rows = b1 * tf.gather(m, rows) + (1 - b1) * grad
     v_rows = b2 * tf.gather(v, rows) + (1 - b2) * tf.square(grad)
     _write_rows(m, rows, m_rows)
@@ -399,7 +397,7 @@ class EmbeddingTables(tf_keras.layers.Layer):
     goes through TPUEmbedding.
     """
     weights = weights or {}
-    if fused and not weights and kernels.usable_here():
+    if fused and not weights:
       tables = self.tables()
       if all(type(tables[self._table_of[f]]) is  # pylint: disable=unidiomatic-typecheck
              resource_variable_ops.ResourceVariable and

@@ -50,10 +50,12 @@ absl::Status NoOutputs(shape_inference::InferenceContext*) {
   return absl::OkStatus();
 }
 
+// Every cache line of a row (rows of 33 floats straddle lines).
+template <int kForWrite>
 inline void Prefetch(const float* row, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1);
-  __builtin_prefetch(p + bytes - 1, 1);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, kForWrite);
+  __builtin_prefetch(p + bytes - 1, kForWrite);
 }
 
 struct Sgd {
@@ -183,7 +185,7 @@ class RowSparseApplyOp : public OpKernel {
     for (int64_t j = 0; j < m; ++j) {
       if (j + kAhead < m) {
         for (int i = 0; i < kVars; ++i)
-          Prefetch(base[i] + uniq[j + kAhead] * d, bytes);
+          Prefetch<1>(base[i] + uniq[j + kAhead] * d, bytes);
       }
       const int64_t r = uniq[j] * d;
       for (int i = 0; i < Rule::kSlots; ++i) slot_rows[i] = base[1 + i] + r;
@@ -390,12 +392,7 @@ class RowGatherOp : public OpKernel {
     float* dst = out->flat<float>().data();
     const int64_t bytes = d * sizeof(float);
     for (int64_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) {
-        const char* p =
-            reinterpret_cast<const char*>(src + ids[i + kAhead] * d);
-        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-        __builtin_prefetch(p + bytes - 1);
-      }
+      if (i + kAhead < n) Prefetch<0>(src + ids[i + kAhead] * d, bytes);
       std::memcpy(dst + i * d, src + ids[i] * d, bytes);
     }
   }

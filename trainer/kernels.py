@@ -30,17 +30,24 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops  # pylint: disable=g-direct-tensorflow-import
 
+from trainer import strategy as strategy_lib
+
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "kernels.cc")
 _FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O3", "-fno-math-errno",
           "-Wno-deprecated-declarations"]
 
 
-def _library_path(directory: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _key() -> str:
+  """Of the source, the TensorFlow version and the flags: a library's name."""
   with open(_SOURCE, "rb") as f:
-    key = hashlib.sha1(f.read() + tf.__version__.encode() +
-                       " ".join(_FLAGS).encode()).hexdigest()[:12]
-  return os.path.join(directory, f"_kernels-{key}.so")
+    return hashlib.sha1(f.read() + tf.__version__.encode() +
+                        " ".join(_FLAGS).encode()).hexdigest()[:12]
+
+
+def _library_path(directory: str) -> str:
+  return os.path.join(directory, f"_kernels-{_key()}.so")
 
 
 def _directories():
@@ -118,10 +125,9 @@ def usable_here() -> bool:
   """Whether this process runs the ops it traces on its own CPU, with the
   kernels built: not under parameter servers (the servers and workers need
   not have built them) nor on GPUs or TPUs."""
-  if isinstance(tf.distribute.get_strategy(),
-                (tf.distribute.experimental.ParameterServerStrategy,
-                 tf.distribute.TPUStrategy)) or tf.config.list_logical_devices(
-                     "GPU"):
+  strategy = tf.distribute.get_strategy()
+  if (strategy_lib.is_parameter_server(strategy) or
+      strategy_lib.is_tpu(strategy) or tf.config.list_logical_devices("GPU")):
     return False
   return ops() is not None
 

@@ -64,7 +64,6 @@ class MatrixFactorization(tfrs.models.Model):
     self.global_bias = self.add_weight(
         name="global_bias", shape=(), initializer="zeros", trainable=True)
     self._config = config
-    self._on_tpu = on_tpu
     self.task = _ranking_task()
 
   def get_config(self):
@@ -114,7 +113,7 @@ class MatrixFactorization(tfrs.models.Model):
     features, labels = inputs
     # In training on a CPU the lookup, the score and their gradients run as
     # fused kernels (trainer/kernels.cc); exports and evaluation never do.
-    fused = training and not self._on_tpu and kernels.usable_here()
+    fused = training and kernels.usable_here()  # Never on TPUs.
     emb = self.embed(features, fused=fused)
     logits = self.score_logits(emb, fused=fused)
     # Keras losses average over the last axis: [B, 1] keeps one loss per row.
